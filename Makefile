@@ -1,0 +1,51 @@
+# cpl-cache: every target that needs Python makes the .venv first.
+# torch==2.13.0 is installed before the package so a CPU machine does not pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/cpl-cache
+STAMP := $(VENV)/.installed-stamp
+TORCH_SPEC ?= torch==2.13.0
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install test lint demo bench-cache bench-train bench-extract reproduce-table2 clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv with torch (CPU build here) and the package with its dev extra
+
+test: $(STAMP) ## Run the test suite (offline, CPU)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check cpl_cache tests benchmarks
+	$(VENV)/bin/ruff format --check cpl_cache tests benchmarks
+
+DEMO_DIR ?= demo
+
+demo: $(STAMP) ## The main job on built-in synthetic data and tiny models: synth, train-weak, extract, the grid, table, plot
+	$(PY) -m cpl_cache demo --out $(DEMO_DIR)
+
+bench-cache: $(STAMP) ## Cache write/load benchmark against a flat numpy file (writes bench-results/cache.json)
+	$(PY) benchmarks/bench_cache.py
+
+bench-train: $(STAMP) ## Stage-two benchmark against a reference DataLoader loop (writes bench-results/train.json)
+	$(PY) benchmarks/bench_train.py
+
+bench-extract: $(STAMP) ## Stage-one benchmark: decode, forward, whole extract (writes bench-results/extract.json)
+	$(PY) benchmarks/bench_extract.py
+
+clean: ## Remove the venv and generated outputs
+	rm -rf $(VENV) $(DEMO_DIR) bench-out

@@ -1,0 +1,126 @@
+"""cpl-cache command line: thin typer commands that parse, build a config, call a stage, print one line.
+
+Examples:
+    cpl-cache synth demo/data
+    cpl-cache extract --domain quickdraw --data-root data/domainnet --weak ckpt/quickdraw --cache-dir cache
+    cpl-cache train --method cpl --domain quickdraw --cache-dir cache
+    cpl-cache info --cache-dir cache
+
+torch and transformers are imported inside the commands, so `cpl-cache --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cpl_cache.errors import UserError
+
+app = typer.Typer(
+    help="Weak-to-strong generalization for CLIP from a feature cache (class prototype learning).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def command(name: str | None = None):
+    """Register a command whose UserError ends as one line on stderr and exit status 2."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as err:
+                typer.echo(f"cpl-cache: error: {err}", err=True)
+                raise typer.Exit(2) from None
+
+        app.command(name)(wrapped)
+        return fn
+
+    return deco
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except UserError as err:  # raised outside a command (should not happen, but never show a traceback)
+        typer.echo(f"cpl-cache: error: {err}", err=True)
+        sys.exit(2)
+
+
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Root folder of the feature cache.")]
+DomainOpt = Annotated[str, typer.Option("--domain", help="Domain name, e.g. quickdraw.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Foundation: the cache and synthetic data
+# ---------------------------------------------------------------------------------------------
+
+
+@command("info")
+def info_cmd(
+    cache_dir: CacheDir,
+    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
+) -> None:
+    """Print models, row counts per split, dimensions and size on disk of cached domains."""
+    from cpl_cache.cache import describe
+
+    typer.echo(describe(cache_dir, domain))
+
+
+@command("synth-cache")
+def synth_cache_cmd(
+    cache_dir: CacheDir,
+    domain: DomainOpt = "quickdraw",
+    train: Annotated[int, typer.Option(help="Rows in the train split.")] = 2000,
+    test: Annotated[int, typer.Option(help="Rows in the test split.")] = 500,
+    hold: Annotated[Optional[int], typer.Option(help="Rows in the hold split (default: as test).")] = None,
+    dim: Annotated[int, typer.Option(help="Embedding dimension D.")] = 512,
+    classes: Annotated[int, typer.Option(help="Number of classes K.")] = 345,
+    weak_acc: Annotated[float, typer.Option(help="Accuracy of the planted weak supervisor.")] = 0.6,
+    seed: Annotated[int, typer.Option(help="Seed of everything planted.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = 50_000,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache of this domain.")] = False,
+) -> None:
+    """Write a planted feature cache in schema 1 (no images): for benchmarks and tests of stage two."""
+    from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+
+    cfg = PlantedConfig(
+        domain=domain, n_train=train, n_hold=test if hold is None else hold, n_test=test, dim=dim,
+        classes=classes, weak_acc=weak_acc, seed=seed, shard_size=shard_size,
+    )
+    stats = write_planted_cache(cache_dir, cfg, overwrite=overwrite)
+    typer.echo(
+        f"planted {domain}: {stats['rows']} rows in {stats['shards']} shard(s) under {cache_dir / domain}; "
+        f"weak acc {stats['weak_acc']:.3f}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic images and tiny checkpoints (synth)
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Stage one: extract
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Weak supervisor: train-weak
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Stage two: methods, train
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines and reports: run, table, plot
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Synthetic data: planted feature caches, DomainNet-layout images and tiny checkpoints."""
