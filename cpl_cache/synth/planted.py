@@ -1,0 +1,159 @@
+"""Planted feature caches: schema-1 caches with known structure and no images, for stage-two tests and benchmarks.
+
+The generative story (all seeded):
+- classes come in groups of about five; a class direction mu_k on the unit sphere is its group's
+  direction plus its own, so classes of a group are similar (cosine about 0.5);
+- an image embedding is normalise(mu_y + noise): the strong features are clean but not trivial;
+- a text embedding is normalise(mu_k + a shared modality offset + noise): zero-shot works, imperfectly;
+- the weak supervisor predicts the true class with probability `weak_acc`, else a confusable class
+  (mostly one of the same group); its logits put the largest value on that prediction and some mass
+  on the true class, so soft labels carry more than their argmax. Its mistakes do not depend on the
+  image features, which is what lets a strong student trained on them beat it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpl_cache.cache import (
+    MANIFEST,
+    SPLIT_CODES,
+    ShardWriter,
+    domain_dir,
+    new_manifest,
+    write_manifest,
+    write_text,
+)
+from cpl_cache.errors import UserError
+
+LOGIT_SCALE = 100.0
+GROUP_SIZE = 5
+
+
+@dataclass(frozen=True)
+class PlantedConfig:
+    domain: str = "quickdraw"
+    n_train: int = 2000
+    n_hold: int = 500
+    n_test: int = 500
+    dim: int = 512
+    classes: int = 345
+    weak_acc: float = 0.6
+    seed: int = 0
+    shard_size: int = 50_000
+    image_noise: float = 5.8  # norm of the image noise relative to the unit class direction
+    text_noise: float = 0.8  # norm of the text noise: how far zero-shot prototypes sit from the truth
+    same_group_confusion: float = 0.7  # share of weak mistakes that go to a class of the same group
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _sphere_noise(rng: np.random.Generator, n: int, dim: int, norm: float) -> np.ndarray:
+    """Gaussian noise whose expected norm is `norm` in any dimension."""
+    return rng.standard_normal((n, dim), dtype=np.float32) * np.float32(norm / np.sqrt(dim))
+
+
+def class_directions(cfg: PlantedConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Unit class directions (K, D) and each class's group id."""
+    groups = np.arange(cfg.classes) // GROUP_SIZE
+    n_groups = int(groups.max()) + 1
+    centres = _unit(rng.standard_normal((n_groups, cfg.dim)).astype(np.float32))
+    own = _unit(rng.standard_normal((cfg.classes, cfg.dim)).astype(np.float32))
+    return _unit(centres[groups] + own), groups
+
+
+def weak_logits_for(
+    labels: np.ndarray, groups: np.ndarray, cfg: PlantedConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Logits of a supervisor that is right with probability weak_acc and confuses similar classes."""
+    n, K = len(labels), cfg.classes
+    right = rng.random(n) < cfg.weak_acc
+    # A wrong prediction: mostly a class of the same group, else any other class.
+    offset = rng.integers(1, GROUP_SIZE, n)
+    base = groups[labels] * GROUP_SIZE
+    size = np.minimum(GROUP_SIZE, K - base)
+    same = base + (labels - base + offset) % np.maximum(size, 1)
+    other = (labels + rng.integers(1, K, n)) % K
+    use_same = (rng.random(n) < cfg.same_group_confusion) & (size > 1)
+    wrong = np.where(use_same, same, other)
+    pred = np.where(right, labels, wrong)
+
+    logits = rng.standard_normal((n, K), dtype=np.float32)
+    rows = np.arange(n)
+    logits[rows, labels] += np.float32(1.5)  # the truth keeps some mass even when the argmax is wrong
+    top = logits.max(axis=1)
+    logits[rows, pred] = top + np.float32(1.0) + rng.random(n, dtype=np.float32)
+    return logits
+
+
+def write_planted_cache(cache_dir: Path | str, cfg: PlantedConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write one planted domain into `cache_dir` in schema 1; returns a few statistics."""
+    if cfg.classes < 2 or cfg.dim < 2:
+        raise UserError("a planted cache needs at least 2 classes and 2 dimensions")
+    if not 0.0 <= cfg.weak_acc <= 1.0:
+        raise UserError(f"--weak-acc must lie in [0, 1], got {cfg.weak_acc}")
+    ddir = domain_dir(cache_dir, cfg.domain)
+    if (ddir / MANIFEST).exists():
+        if not overwrite:
+            raise UserError(f"{ddir} already holds a cache; pass --overwrite to replace it")
+        shutil.rmtree(ddir)
+
+    rng = np.random.default_rng(cfg.seed)
+    mu, groups = class_directions(cfg, rng)
+    offset = _unit(rng.standard_normal(cfg.dim).astype(np.float32)) * np.float32(0.5)
+    text = _unit(mu + offset + _sphere_noise(rng, cfg.classes, cfg.dim, cfg.text_noise))
+
+    classes = [f"class_{k:03d}" for k in range(cfg.classes)]
+    counts = {"train": cfg.n_train, "hold": cfg.n_hold, "test": cfg.n_test}
+    manifest = new_manifest(
+        dataset="planted",
+        domain=cfg.domain,
+        classes=classes,
+        dim=cfg.dim,
+        strong={"id": "planted", "revision": None},
+        weak={"id": f"planted-weak-{cfg.weak_acc:g}", "revision": None},
+        split={"hold_frac": cfg.n_hold / max(cfg.n_hold + cfg.n_test, 1), "seed": cfg.seed},
+        counts=counts,
+        planted={k: v for k, v in cfg.__dict__.items() if k != "domain"},
+    )
+
+    def listed(entry: dict[str, Any]) -> None:
+        manifest["shards"].append(entry)
+        write_manifest(ddir, manifest)
+
+    writer = ShardWriter(ddir, dim=cfg.dim, num_classes=cfg.classes, shard_size=cfg.shard_size, on_shard=listed)
+    write_manifest(ddir, manifest)
+    write_text(ddir, text, [f"a photo of a {c.replace('_', ' ')}." for c in classes], LOGIT_SCALE)
+
+    n_right = 0
+    start = 0
+    for name, n in counts.items():
+        # Generate a split in slices so memory stays bounded at DomainNet sizes.
+        for lo in range(0, n, 50_000):
+            m = min(50_000, n - lo)
+            labels = rng.integers(0, cfg.classes, m)
+            x = _unit(mu[labels] + _sphere_noise(rng, m, cfg.dim, cfg.image_noise))
+            w = weak_logits_for(labels, groups, cfg, rng)
+            n_right += int((w.argmax(1) == labels).sum())
+            idx = np.arange(start, start + m, dtype=np.int64)
+            writer.add(
+                image_embeds=x.astype(np.float16),
+                weak_logits=w,
+                labels=labels.astype(np.int16),
+                split=np.full(m, SPLIT_CODES[name], np.uint8),
+                index=idx,
+                paths=[f"planted/{cfg.domain}/{i:07d}.npy" for i in idx],
+            )
+            start += m
+    writer.flush()
+    manifest["complete"] = True
+    write_manifest(ddir, manifest)
+    total = sum(counts.values())
+    return {"rows": total, "shards": len(manifest["shards"]), "weak_acc": n_right / max(total, 1)}
