@@ -214,8 +214,12 @@ class ShardWriter:
                 f"({n}, {self.dim}) and ({n}, {self.num_classes})"
             )
         batch = dict(
-            image_embeds=image_embeds, weak_logits=weak_logits, labels=labels, split=split,
-            index=index, paths=list(paths),
+            image_embeds=image_embeds,
+            weak_logits=weak_logits,
+            labels=labels,
+            split=split,
+            index=index,
+            paths=list(paths),
         )
         start = 0
         while start < n:

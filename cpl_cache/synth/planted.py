@@ -1,4 +1,4 @@
-"""Planted feature caches: schema-1 caches with known structure and no images, for stage-two tests and benchmarks.
+"""Planted feature caches: schema-1 caches with known structure and no images, for stage two.
 
 The generative story (all seeded):
 - classes come in groups of about five; a class direction mu_k on the unit sphere is its group's
@@ -93,7 +93,9 @@ def weak_logits_for(
     return logits
 
 
-def write_planted_cache(cache_dir: Path | str, cfg: PlantedConfig, *, overwrite: bool = False) -> dict[str, Any]:
+def write_planted_cache(
+    cache_dir: Path | str, cfg: PlantedConfig, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Write one planted domain into `cache_dir` in schema 1; returns a few statistics."""
     if cfg.classes < 2 or cfg.dim < 2:
         raise UserError("a planted cache needs at least 2 classes and 2 dimensions")
@@ -128,7 +130,9 @@ def write_planted_cache(cache_dir: Path | str, cfg: PlantedConfig, *, overwrite:
         manifest["shards"].append(entry)
         write_manifest(ddir, manifest)
 
-    writer = ShardWriter(ddir, dim=cfg.dim, num_classes=cfg.classes, shard_size=cfg.shard_size, on_shard=listed)
+    writer = ShardWriter(
+        ddir, dim=cfg.dim, num_classes=cfg.classes, shard_size=cfg.shard_size, on_shard=listed
+    )
     write_manifest(ddir, manifest)
     write_text(ddir, text, [f"a photo of a {c.replace('_', ' ')}." for c in classes], LOGIT_SCALE)
 
