@@ -327,6 +327,23 @@ def _open_shard(path: Path):
         ) from None
 
 
+def _read_rows(path: Path, ds, out: np.ndarray) -> None:
+    """Read a whole dataset into `out`: raw bytes for contiguous data (as fast as a flat file)."""
+    offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+    if offset is None or out.size == 0:
+        ds.read_direct(out)
+        return
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        while got < out.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise OSError(f"unexpected end of file reading {ds.name}")
+            got += n
+
+
 def load_domain(
     cache_dir: Path | str,
     domain: str,
@@ -366,7 +383,7 @@ def load_domain(
                             f"shard {path}: {key} is {ds.shape} {ds.dtype}, the manifest says "
                             f"({n}, ...) {arr.dtype}; rerun extract with --overwrite"
                         )
-                    ds.read_direct(arr, dest_sel=np.s_[start : start + n])
+                    _read_rows(path, ds, arr[start : start + n])
                 except (OSError, KeyError) as err:
                     raise UserError(
                         f"shard {path} is damaged ({key}: {str(err).splitlines()[0]}); "
