@@ -109,6 +109,31 @@ def synth_cache_cmd(
 # Synthetic images and tiny checkpoints (synth)
 # ---------------------------------------------------------------------------------------------
 
+
+@command("synth")
+def synth_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write: OUT/domainnet (data root) and OUT/models.")],
+    classes: Annotated[int, typer.Option(help="Number of classes K.")] = 10,
+    per_class: Annotated[int, typer.Option(help="Images per class in each domain.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed of images, label order and weights.")] = 0,
+) -> None:
+    """Write a small DomainNet-layout image set and tiny CLIP and ResNet checkpoints, offline."""
+    from cpl_cache.synth.images import ImageSetConfig, synthesize
+
+    if classes < 2 or per_class < 2:
+        raise UserError(
+            "synth needs --classes >= 2 and --per-class >= 2 (each class needs train and test images)"
+        )
+    if any(out.joinpath(name).exists() for name in ("domainnet", "models")):
+        raise UserError(f"{out} already holds synthetic data; pick an empty folder or remove it first")
+    made = synthesize(out, ImageSetConfig(classes=classes, per_class=per_class, seed=seed))
+    n = sum(c["train"] + c["test"] for c in made["counts"].values())
+    typer.echo(
+        f"wrote {n} images of {classes} classes in {len(made['counts'])} domains under {made['root']}; "
+        f"strong {made['strong']}, weak {made['weak']}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage one: extract
 # ---------------------------------------------------------------------------------------------
