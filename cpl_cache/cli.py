@@ -149,3 +149,94 @@ def synth_cmd(
 # ---------------------------------------------------------------------------------------------
 # Pipelines and reports: run, table, plot
 # ---------------------------------------------------------------------------------------------
+
+
+def _names(text: str | None, what: str) -> tuple[str, ...] | None:
+    """A comma list from the command line (`a,b`), or None when not given."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError(f"--{what} is empty; give a comma list such as --{what} a,b")
+    return names
+
+
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    names = _names(text, "seeds")
+    if names is None:
+        return None
+    try:
+        seeds = tuple(int(n) for n in names)
+    except ValueError:
+        raise UserError(f"--seeds {text!r} must be a comma list of integers, e.g. --seeds 0,1,2") from None
+    if any(s < 0 for s in seeds):
+        raise UserError(f"--seeds {text!r}: seeds are integers >= 0")
+    return seeds
+
+
+class TableFormat(str, Enum):
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+ResultsDir = Annotated[
+    Path, typer.Option("--results", help="Folder of results: {domain}/{method}-seed{seed}.json.")
+]
+
+
+@command("run")
+def run_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Grid file, e.g. pipelines/table2.toml.")],
+    cache_dir: CacheDir,
+    results: ResultsDir = Path("results"),
+    device: DeviceOpt = "auto",
+    domains: Annotated[Optional[str], typer.Option(help="Only these domains (comma list).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Only these methods (comma list).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over the cells.")] = True,
+) -> None:
+    """Train every cell (domain x method x seed) of a grid from the cache; cells with results are skipped."""
+    from cpl_cache.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig(
+        pipeline=pipeline, cache_dir=cache_dir, results=results, device=device,
+        domains=_names(domains, "domains"), seeds=_seeds(seeds), methods=_names(methods, "methods"),
+        progress=progress,
+    )  # fmt: skip
+    typer.echo(run_pipeline(cfg).line())
+
+
+@command("table")
+def table_cmd(
+    results: ResultsDir = Path("results"),
+    format: Annotated[TableFormat, typer.Option("--format", help="Output format.")] = TableFormat.markdown,
+    out: Annotated[Optional[Path], typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Table 2: accuracy per domain (mean ± std over seeds), the average, PGR; best weak-supervised marked."""
+    from cpl_cache.report import render_table
+
+    text = render_table(results, format.value)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {out}")
+
+
+@command("plot")
+def plot_cmd(
+    domain: DomainOpt,
+    out: Annotated[Path, typer.Option("--out", help="Image to write (.png, .pdf or .svg).")],
+    results: ResultsDir = Path("results"),
+    seed: Annotated[int, typer.Option(help="Which seed's runs to draw.")] = 0,
+    methods: Annotated[
+        Optional[str], typer.Option(help="Methods to draw (comma list); default auxconf-lp, auxconf-tp, cpl.")
+    ] = None,
+) -> None:
+    """Figure 2: train and test accuracy against training step, with the weak and ceiling accuracies."""
+    from cpl_cache.report import plot_curves
+
+    path = plot_curves(results, domain, out, methods=_names(methods, "methods"), seed=seed)
+    typer.echo(f"wrote {path}")

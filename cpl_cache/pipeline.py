@@ -1,0 +1,369 @@
+"""Run a grid of stage-two cells (domain x method x seed) from the feature cache, like Table 2.
+
+A grid file (TOML, see `pipelines/table2.toml`) names the domains, the seeds and the methods; each
+method is one line, a name or an inline table of overrides:
+
+    domains = ["clipart", "quickdraw"]
+    seeds = [0, 1, 2]
+    methods = [
+        "weak",
+        { method = "auxconf-lp", epochs = 20 },
+    ]
+    [defaults]          # optional: overrides for every method
+    epochs = 10
+
+`[[cell]]` tables (`method = ...` plus overrides) are the multi-line form of an inline entry.
+Each domain's cache is loaded once and all its cells train from it. A cell whose result file exists,
+came from the same cache and asked for the same overrides is skipped, so a rerun does no work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpl_cache.cache import manifest_identity, read_manifest
+from cpl_cache.errors import UserError
+
+# TrainConfig fields that a grid may not set: the pipeline itself decides them per cell.
+_CELL_FIELDS = frozenset({"method", "domain", "cache_dir", "out", "seed", "device"})
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    """tomllib on Python >= 3.11, `tomli` on 3.10 when installed."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise UserError(
+                "reading a grid file on Python 3.10 needs the `tomli` package; `pip install tomli` "
+                "or use Python 3.11+"
+            ) from None
+    return tomllib.loads(text)
+
+
+def _trainer():
+    """The stage-two module the pipeline drives (imported late: it pulls in torch)."""
+    from cpl_cache.train import trainer
+
+    return trainer
+
+
+def _registry() -> Mapping[str, Any]:
+    from cpl_cache.methods import METHODS
+
+    return METHODS
+
+
+def _override_keys() -> list[str]:
+    """Hyperparameters a grid may override: every TrainConfig field the pipeline does not set."""
+    return [f.name for f in dataclasses.fields(_trainer().TrainConfig) if f.name not in _CELL_FIELDS]
+
+
+# ------------------------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method line of a grid: the registered name and the settings it overrides."""
+
+    method: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file: every (domain, method, seed) is a cell; `defaults` apply to methods that train."""
+
+    domains: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[MethodSpec, ...]
+    defaults: tuple[tuple[str, Any], ...] = ()
+    source: Path | None = None
+
+    def cells(self) -> list[tuple[str, MethodSpec, int]]:
+        """Cells in run order: domain-major, so each domain's cache is loaded once."""
+        return [(d, m, s) for d in self.domains for m in self.methods for s in self.seeds]
+
+    def settings(self, spec: MethodSpec, registry: Mapping[str, Any]) -> dict[str, Any]:
+        """The overrides a cell passes to TrainConfig: the grid's defaults (for methods that train),
+        then the method line's own."""
+        trains = getattr(registry.get(spec.method), "trains", True)
+        return {**(dict(self.defaults) if trains else {}), **dict(spec.overrides)}
+
+
+def _str_list(raw: Any, key: str, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and x for x in raw):
+        raise UserError(f'{where}: `{key}` must be a non-empty list of names, e.g. {key} = ["quickdraw"]')
+    if len(set(raw)) != len(raw):
+        raise UserError(f"{where}: `{key}` lists a name twice ({', '.join(raw)})")
+    return tuple(raw)
+
+
+def _seed_list(raw: Any, where: str) -> tuple[int, ...]:
+    ok = isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw)
+    if not ok or any(x < 0 for x in raw):
+        raise UserError(f"{where}: `seeds` must be a non-empty list of integers >= 0, e.g. seeds = [0, 1, 2]")
+    if len(set(raw)) != len(raw):
+        raise UserError(f"{where}: `seeds` lists a seed twice ({raw})")
+    return tuple(raw)
+
+
+def _overrides(table: dict[str, Any], allowed: Sequence[str], where: str) -> tuple[tuple[str, Any], ...]:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise UserError(
+            f"{where}: unknown setting(s) {', '.join(unknown)}; a method may override {', '.join(allowed)}"
+        )
+    return tuple(sorted(table.items()))
+
+
+def parse_grid(
+    data: dict[str, Any],
+    *,
+    where: str = "grid",
+    registry: Mapping[str, Any] | None = None,
+    override_keys: Sequence[str] | None = None,
+    source: Path | None = None,
+) -> Grid:
+    """Check a grid dict (as read from TOML) and turn it into a Grid; every problem is a UserError."""
+    registry = _registry() if registry is None else registry
+    allowed = list(_override_keys() if override_keys is None else override_keys)
+    top = ("domains", "seeds", "methods", "cell", "defaults")
+    unknown = sorted(set(data) - set(top))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; a grid has {', '.join(top)}")
+    for key in ("domains", "seeds"):
+        if key not in data:
+            raise UserError(f"{where}: `{key}` is missing; see pipelines/table2.toml for the layout")
+    domains = _str_list(data["domains"], "domains", where)
+    seeds = _seed_list(data["seeds"], where)
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UserError(f"{where}: `defaults` must be a table of overrides, e.g. [defaults] epochs = 10")
+
+    methods, cells = data.get("methods", []), data.get("cell", [])
+    if not isinstance(methods, list):
+        raise UserError(f'{where}: `methods` must be a list, one method a line: methods = ["weak", "cpl"]')
+    if not isinstance(cells, list):
+        raise UserError(f"{where}: write cells as [[cell]] tables")
+    entries = [*methods, *cells]
+    if not entries:
+        raise UserError(f'{where}: no methods; add `methods = ["cpl", ...]` or [[cell]] tables')
+
+    specs: list[MethodSpec] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, table = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("method"), str):
+            table = dict(entry)
+            name = table.pop("method")
+        else:
+            raise UserError(
+                f'{where}: a method entry is a name or a table with `method = "..."`, got {entry!r}'
+            )
+        if name not in registry:
+            raise UserError(f"{where}: unknown method {name!r}; valid methods: {', '.join(registry)}")
+        spec = MethodSpec(name, _overrides(table, allowed, f"{where} method {name!r}"))
+        if spec in specs:
+            raise UserError(f"{where}: method {name!r} is listed twice with the same settings; keep one line")
+        specs.append(spec)
+    return Grid(
+        domains=domains,
+        seeds=seeds,
+        methods=tuple(specs),
+        defaults=_overrides(defaults, allowed, f"{where} [defaults]"),
+        source=source,
+    )
+
+
+def load_grid(path: Path | str, registry: Mapping[str, Any] | None = None) -> Grid:
+    """Read and check a grid file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"grid file {path} does not exist; pass a TOML grid such as pipelines/table2.toml")
+    try:
+        data = _toml_loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read grid file {path} ({err})") from None
+    except ValueError as err:  # tomllib.TOMLDecodeError
+        raise UserError(f"{path} is not valid TOML ({err}); fix the line it names") from None
+    return parse_grid(data, where=str(path), registry=registry, source=path)
+
+
+def restrict(
+    grid: Grid,
+    *,
+    domains: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    registry: Mapping[str, Any] | None = None,
+) -> Grid:
+    """Replace the grid's domains, seeds or methods (e.g. a quick run); a method keeps its grid lines."""
+    specs = grid.methods
+    if methods is not None:
+        registry = _registry() if registry is None else registry
+        for name in methods:
+            if name not in registry:
+                raise UserError(f"unknown method {name!r} in --methods; valid methods: {', '.join(registry)}")
+        specs = tuple(
+            spec
+            for name in dict.fromkeys(methods)
+            for spec in ([m for m in grid.methods if m.method == name] or [MethodSpec(name)])
+        )
+    return dataclasses.replace(
+        grid,
+        domains=tuple(dict.fromkeys(domains)) if domains is not None else grid.domains,
+        seeds=tuple(dict.fromkeys(seeds)) if seeds is not None else grid.seeds,
+        methods=specs,
+    )
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What `cpl-cache run` asks for: a grid file, the cache, where results go, and optional subsets."""
+
+    pipeline: Path
+    cache_dir: Path
+    results: Path = Path("results")
+    device: str = "auto"
+    domains: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    progress: bool = True
+
+
+@dataclass
+class PipelineSummary:
+    """What a run did: cells trained, skipped as up to date, and recomputed because they were stale."""
+
+    cells: int = 0
+    ran: int = 0
+    skipped: int = 0
+    stale: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    results: Path = Path("results")
+
+    def line(self) -> str:
+        stale = f" ({len(self.stale)} of them stale)" if self.stale else ""
+        return (
+            f"{self.cells} cell(s): {self.ran} trained{stale}, {self.skipped} already done; "
+            f"results in {self.results} ({self.seconds:.1f} s)"
+        )
+
+
+@dataclass(frozen=True)
+class _Cell:
+    domain: str
+    seed: int
+    name: str  # the run's name (method plus overrides that differ from its defaults)
+    path: Path
+    hparams: dict[str, Any]
+    train_config: Any
+
+
+def _stale_reason(cell: _Cell, fingerprint: str) -> str | None:
+    """Why the existing result of `cell` cannot be reused, or None when it can."""
+    try:
+        record = json.loads(cell.path.read_text(encoding="utf-8"))
+        recorded = record["cache"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the file is unreadable"
+    if recorded != fingerprint:
+        return f"it came from another cache (fingerprint {recorded}, the cache now has {fingerprint})"
+    if record.get("hparams") != cell.hparams:
+        return "it was run with other hyperparameters (the method's defaults changed)"
+    return None
+
+
+def plan(cfg: PipelineConfig) -> list[_Cell]:
+    """Every cell of the grid as a checked TrainConfig with its result path; refuses bad settings up front."""
+    trainer = _trainer()
+    registry = _registry()
+    grid = restrict(
+        load_grid(cfg.pipeline, registry), domains=cfg.domains, seeds=cfg.seeds, methods=cfg.methods,
+        registry=registry,
+    )  # fmt: skip
+    cells, seen = [], {}
+    for domain, spec, seed in grid.cells():
+        tcfg = trainer.TrainConfig(
+            method=spec.method, domain=domain, cache_dir=Path(cfg.cache_dir), out=Path(cfg.results),
+            seed=seed, device=cfg.device, **grid.settings(spec, registry),
+        )  # fmt: skip
+        try:
+            _, hp, name = trainer.resolve(tcfg)
+        except UserError as err:
+            raise UserError(f"{cfg.pipeline}, method {spec.method!r}: {err}") from None
+        if (domain, name, seed) in seen:
+            raise UserError(
+                f"{cfg.pipeline}: two method lines both run as {name!r} (same settings after defaults); "
+                "keep one of them"
+            )
+        seen[(domain, name, seed)] = True
+        path = trainer.result_path(Path(cfg.results), domain, name, seed)
+        cells.append(_Cell(domain, seed, name, path, dataclasses.asdict(hp), tcfg))
+    return cells
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
+    """Run every cell of the grid that has no up-to-date result; return what was done."""
+    from tqdm.auto import tqdm
+
+    from cpl_cache.cache import load_domain
+    from cpl_cache.runtime import resolve_device
+
+    start = time.perf_counter()
+    cells = plan(cfg)
+    domains = list(dict.fromkeys(c.domain for c in cells))
+    # Check every domain before training anything, so a missing one fails the run up front.
+    fingerprints = {d: manifest_identity(read_manifest(cfg.cache_dir, d))["fingerprint"] for d in domains}
+    summary = PipelineSummary(cells=len(cells), results=Path(cfg.results))
+    todo: dict[str, list[_Cell]] = {d: [] for d in domains}
+    notes = []
+    for cell in cells:
+        why = _stale_reason(cell, fingerprints[cell.domain]) if cell.path.is_file() else "missing"
+        if why is None:
+            summary.skipped += 1
+            continue
+        todo[cell.domain].append(cell)
+        if why != "missing":
+            label = f"{cell.domain}/{cell.name}-seed{cell.seed}"
+            summary.stale.append(label)
+            notes.append(f"recomputing {label}: {why}")
+
+    if summary.skipped < summary.cells:
+        run_training = _trainer().run_training
+        device = resolve_device(cfg.device)  # once, so a bad --device fails before any training
+        bar = tqdm(total=summary.cells, initial=summary.skipped, unit="cell", disable=not cfg.progress)
+        try:
+            for note in notes:
+                bar.write(note, file=sys.stderr)
+            for domain, pending in todo.items():
+                if not pending:
+                    continue
+                bar.set_postfix_str(f"loading {domain}")
+                data = load_domain(cfg.cache_dir, domain)
+                for cell in pending:
+                    bar.set_postfix_str(f"{domain} {cell.name} seed {cell.seed}")
+                    try:
+                        run_training(dataclasses.replace(cell.train_config, device=device), data=data)
+                    except UserError as err:
+                        raise UserError(f"{domain}/{cell.name} seed {cell.seed}: {err}") from None
+                    summary.ran += 1
+                    bar.update(1)
+                del data
+        finally:
+            bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
