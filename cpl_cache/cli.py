@@ -12,6 +12,7 @@ torch and transformers are imported inside the commands, so `cpl-cache --help` i
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -137,6 +138,55 @@ def synth_cmd(
 # ---------------------------------------------------------------------------------------------
 # Stage one: extract
 # ---------------------------------------------------------------------------------------------
+
+
+class OnBadImage(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+@command("extract")
+def extract_cmd(
+    domain: DomainOpt,
+    data_root: Annotated[Path, typer.Option("--data-root", help="DomainNet folder: DOMAIN/ and its lists.")],
+    weak: Annotated[str, typer.Option("--weak", help="Weak checkpoint for this domain: folder or model id.")],
+    cache_dir: CacheDir,
+    strong: Annotated[
+        str, typer.Option("--strong", help="CLIP checkpoint: model id or folder.")
+    ] = "openai/clip-vit-base-patch32",
+    dataset: Annotated[str, typer.Option("--dataset", help="Dataset layout of --data-root.")] = "domainnet",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decoding processes (default: min(cores, 16) per rank).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (resume unit).")] = 10_000,
+    hold_frac: Annotated[float, typer.Option("--hold-frac", help="Share of the test list in hold.")] = 0.5,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the hold/test split.")] = 0,
+    on_bad_image: Annotated[
+        OnBadImage, typer.Option("--on-bad-image", help="error: stop at an unreadable image; skip: note it.")
+    ] = OnBadImage.error,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start this domain over.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Stage one: CLIP image embeddings and weak logits of every image into HDF5 shards (resumable).
+
+    Multi-GPU: `torchrun --nproc_per_node N -m cpl_cache extract ...` (each rank its own share).
+    """
+    from cpl_cache.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        domain=domain, data_root=data_root, weak=weak, cache_dir=cache_dir, strong=strong, dataset=dataset,
+        batch_size=batch_size, workers=workers, device=device, shard_size=shard_size, hold_frac=hold_frac,
+        split_seed=split_seed, on_bad_image=on_bad_image.value, overwrite=overwrite, progress=progress,
+    )
+    r = run_extract(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(
+            f"{domain}: {r['rows']} rows in {r['shards']} shard(s) under {r['cache']} "
+            f"({r['new_rows']} new, {r['skipped']} skipped) in {r['seconds']:.1f}s on {r['device']}"
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Weak supervisor: train-weak

@@ -1,0 +1,325 @@
+"""Decode each image once, in DataLoader workers, and run both models' preprocessing on that decode.
+
+A worker turns a run of rows into one batch: for each model a uint8 array of resized, cropped
+pixels (normalisation happens on the device, batched), or float32 pixel values straight from the
+model's processor where its steps are not ones we replicate. A file that cannot be decoded does not
+raise in the worker (a raising worker can stall a loader): it comes back as `(row, reason)` in the
+batch's `failed` list, and the main process decides whether to stop or skip.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpl_cache.datasets import ImageList, check_files, load_rgb
+from cpl_cache.errors import UserError
+
+# Processors whose steps are resize (shortest edge or fixed size), centre crop, rescale, normalise,
+# as the PIL backend of transformers runs them. ConvNeXt's resizes to shortest_edge / crop_pct first.
+_PLANNED = {"CLIPImageProcessor", "ViTImageProcessor", "BitImageProcessor", "DeiTImageProcessor"}
+_CROP_PCT = {"ConvNextImageProcessor"}
+
+
+def _base_name(processor: Any) -> str:
+    name = type(processor).__name__
+    for suffix in ("Pil", "Fast"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def _size(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One model's preprocessing, as data: PIL resize and crop in workers, normalise on the device.
+
+    `mode` "uint8": workers return (n, H, W, 3) uint8 and the device computes
+    `(x * scale - mean) / std`, exactly the transformers PIL backend's arithmetic.
+    `mode` "processor": workers call the processor itself and return (n, 3, H, W) float32.
+    """
+
+    mode: str
+    processor_class: str
+    resize: tuple[str, int, int] | None = None  # ("shortest", edge, 0) or ("exact", height, width)
+    crop: tuple[int, int] | None = None  # (height, width)
+    resample: int = 3
+    scale: float = 1.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records: enough to tell two preprocessings apart."""
+        return {
+            "processor": self.processor_class,
+            "resize": list(self.resize) if self.resize else None,
+            "crop": list(self.crop) if self.crop else None,
+            "resample": self.resample,
+            "rescale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "mode": self.mode,
+        }
+
+    def apply(self, img: Any) -> np.ndarray:
+        """The pixels of one RGB PIL image: (H, W, 3) uint8 in "uint8" mode."""
+        if self.resize is not None:
+            kind, a, b = self.resize
+            w, h = img.size
+            if kind == "shortest":
+                short, long = (w, h) if w <= h else (h, w)
+                new_long = int(a * long / short)  # as transformers' get_resize_output_image_size
+                size = (a, new_long) if w <= h else (new_long, a)
+            else:
+                size = (b, a)
+            if size != img.size:
+                img = img.resize(size, resample=self.resample)
+        arr = np.asarray(img)
+        if self.crop is not None:
+            arr = _center_crop(arr, *self.crop)
+        return arr
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """transformers' `center_crop` on an (H, W, C) array, zero padding included."""
+    h, w = arr.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0 and top + ch <= h and left + cw <= w:
+        return arr[top : top + ch, left : left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    out = np.zeros((nh, nw) + arr.shape[2:], dtype=arr.dtype)
+    tp, lp = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+    out[tp : tp + h, lp : lp + w] = arr
+    top, left = top + tp, left + lp
+    return out[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+
+
+def plan_for(processor: Any) -> ImagePlan:
+    """The plan that reproduces `processor(images=img)` for the processors we know, else a call to it."""
+    name = _base_name(processor)
+    fallback = ImagePlan(mode="processor", processor_class=name)
+    if name not in _PLANNED | _CROP_PCT or getattr(processor, "do_pad", False):
+        return fallback
+    try:
+        resample = int(getattr(processor, "resample", 3))
+    except (TypeError, ValueError):
+        return fallback
+    size, crop_size = processor.size, getattr(processor, "crop_size", None)
+    resize = crop = None
+    if getattr(processor, "do_resize", False):
+        short, longest = _size(size, "shortest_edge"), _size(size, "longest_edge")
+        height, width = _size(size, "height"), _size(size, "width")
+        if short and not longest:
+            if name in _CROP_PCT and short < 384:
+                resize, crop = ("shortest", int(short / processor.crop_pct), 0), (short, short)
+            elif name in _CROP_PCT:
+                resize = ("exact", short, short)
+            else:
+                resize = ("shortest", short, 0)
+        elif height and width and not short:
+            resize = ("exact", height, width)
+        else:
+            return fallback
+    if getattr(processor, "do_center_crop", False):
+        if crop is not None or crop_size is None:
+            return fallback
+        crop = (_size(crop_size, "height"), _size(crop_size, "width"))
+    if crop is None and (resize is None or resize[0] != "exact"):
+        return fallback  # output size would vary from image to image
+    scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", False) else 1.0
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    if getattr(processor, "do_normalize", False):
+        m, s = processor.image_mean, processor.image_std
+        mean = tuple(float(x) for x in (m if isinstance(m, Sequence) else [m] * 3))
+        std = tuple(float(x) for x in (s if isinstance(s, Sequence) else [s] * 3))
+    return ImagePlan("uint8", name, resize, crop, resample, scale, mean, std)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ rows and batches
+
+
+def rank_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) of one rank: contiguous, disjoint, covering 0..n-1 (no padding)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def shard_ranges(start: int, stop: int, shard_size: int) -> list[tuple[int, int]]:
+    """Fixed row ranges of a rank's shards; a resumed run recomputes the same ones."""
+    return [(a, min(a + shard_size, stop)) for a in range(start, stop, shard_size)]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    shard: int  # shard number within the rank
+    start: int  # rows [start, stop) of the image list
+    stop: int
+    last: bool  # the shard's last batch
+
+
+def batch_specs(ranges: dict[int, tuple[int, int]], batch_size: int) -> list[BatchSpec]:
+    """Batches that never straddle a shard, so each shard is flushed after its last batch."""
+    out = []
+    for k, (a, b) in sorted(ranges.items()):
+        for s in range(a, b, batch_size):
+            out.append(BatchSpec(k, s, min(s + batch_size, b), s + batch_size >= b))
+    return out
+
+
+def _describe_error(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class DecodedBatches:
+    """Map-style dataset whose item b is batch b, decoded and preprocessed for every plan."""
+
+    def __init__(
+        self,
+        images: ImageList,
+        specs: list[BatchSpec],
+        plans: Sequence[ImagePlan],
+        processors: Sequence[Any],
+        known_bad: dict[int, str] | None = None,
+    ):
+        self.root = Path(images.root)
+        self.known_bad = dict(known_bad or {})
+        self.paths = images.paths
+        self.specs = specs
+        self.plans = tuple(plans)
+        # Processors travel to workers only where a plan calls them.
+        self.processors = tuple(
+            p if plan.mode == "processor" else None for p, plan in zip(processors, plans, strict=True)
+        )
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def decode(self, row: int) -> list[np.ndarray]:
+        """Every plan's pixels for one row, from one decode of the file."""
+        img = load_rgb(self.root / self.paths[row])
+        out = []
+        for plan, proc in zip(self.plans, self.processors, strict=True):
+            if plan.mode == "uint8":
+                out.append(plan.apply(img))
+            else:
+                out.append(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0], np.float32))
+        return out
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        import torch
+
+        spec = self.specs[b]
+        rows: list[int] = []
+        pixels: list[list[np.ndarray]] = [[] for _ in self.plans]
+        failed: list[tuple[int, str]] = []
+        for row in range(spec.start, spec.stop):
+            if row in self.known_bad:
+                failed.append((row, self.known_bad[row]))
+                continue
+            try:
+                arrays = self.decode(row)
+            except Exception as err:  # noqa: BLE001 - every decode failure becomes a marker, never a raise
+                failed.append((row, _describe_error(err)))
+                continue
+            rows.append(row)
+            for store, arr in zip(pixels, arrays, strict=True):
+                store.append(arr)
+        stacked = [torch.from_numpy(np.stack(store)) if store else None for store in pixels]
+        return {
+            "shard": spec.shard,
+            "last": spec.last,
+            "start": spec.start,
+            "stop": spec.stop,
+            "rows": torch.as_tensor(rows, dtype=torch.int64),
+            "pixels": stacked,
+            "failed": failed,
+        }
+
+
+def loader(dataset: DecodedBatches, workers: int, device: str):
+    """A DataLoader over whole batches; workers prefetch so decoding overlaps the forward passes."""
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.startswith("cuda"),
+        collate_fn=_identity,
+        **kwargs,
+    )
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+# ------------------------------------------------------------------------------------ file checks
+
+
+def scan_files(images: ImageList) -> tuple[list[int], list[int]]:
+    """Rows whose file is missing, and rows whose file is empty, with one directory listing per folder."""
+    missing: list[int] = []
+    empty: list[int] = []
+    sizes: dict[str, dict[str, int] | None] = {}
+    for row, rel in enumerate(images.paths):
+        folder, _, name = rel.rpartition("/")
+        if folder not in sizes:
+            try:
+                with os.scandir(images.root / folder) as it:
+                    sizes[folder] = {e.name: -1 for e in it}
+            except (FileNotFoundError, NotADirectoryError):
+                sizes[folder] = None
+        listing = sizes[folder]
+        if listing is None or name not in listing:
+            missing.append(row)
+            continue
+        if listing[name] < 0:
+            try:
+                listing[name] = (images.root / rel).stat().st_size
+            except OSError:
+                missing.append(row)
+                continue
+        if listing[name] == 0:
+            empty.append(row)
+    return missing, empty
+
+
+def check_before_models(images: ImageList, on_bad_image: str, limit: int = 5) -> dict[int, str]:
+    """The checks that cost seconds, before any model is loaded: missing and zero-byte files.
+
+    With `error` a problem raises a UserError (count and first few paths); with `skip` the rows come
+    back as {row: reason} to leave out of the run.
+    """
+    missing, empty = scan_files(images)
+    if on_bad_image == "error":
+        if missing:
+            check_files(images, limit=limit)  # the reader's own message: count and first few
+        if empty:
+            shown = ", ".join(images.paths[r] for r in empty[:limit]) + (
+                ", ..." if len(empty) > limit else ""
+            )
+            raise UserError(
+                f"{len(empty)} of {len(images)} images listed for {images.domain} are empty (0 bytes) under "
+                f"{images.root} ({shown}); restore them, or pass --on-bad-image skip to leave them out"
+            )
+        return {}
+    bad = {r: "file not found" for r in missing}
+    bad.update({r: "empty file (0 bytes)" for r in empty})
+    return bad

@@ -1,0 +1,243 @@
+"""Shards, the manifest and resuming: what makes a killed extraction continue where it stopped.
+
+Each rank's rows are cut into fixed, numbered shard ranges (`reader.shard_ranges`). A shard is
+renamed into place only once complete (`cache.write_shard`), then recorded: in one process, in the
+manifest itself (replaced atomically); with several ranks, in the rank's own `progress-rNN.json`,
+which rank 0 merges into the manifest once every rank is done. A rerun recomputes the same ranges
+and skips the recorded ones, so the finished cache holds exactly the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpl_cache.cache import (
+    MANIFEST,
+    TEXT_FILE,
+    ShardWriter,
+    atomic_write_text,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from cpl_cache.errors import UserError
+
+# Manifest keys that must agree for a rerun to continue an existing cache.
+IDENTITY_KEYS = ("dataset", "domain", "classes", "dim", "strong", "weak", "preprocessing", "split", "counts")
+
+
+def shard_prefix(rank: int, world: int) -> str:
+    return "shard" if world == 1 else f"shard-r{rank:02d}"
+
+
+def progress_path(ddir: Path, rank: int) -> Path:
+    return ddir / f"progress-r{rank:02d}.json"
+
+
+def clear_domain(ddir: Path) -> int:
+    """Remove what extract wrote for a domain (--overwrite); other files in the folder stay."""
+    removed = 0
+    if not ddir.is_dir():
+        return 0
+    for p in ddir.iterdir():
+        n = p.name
+        ours = (
+            n in (MANIFEST, TEXT_FILE)
+            or (n.startswith("shard-") and n.endswith(".h5"))
+            or (n.startswith("progress-r") and n.endswith(".json"))
+            or (n.startswith((".shard-", f".{MANIFEST}", f".{TEXT_FILE}", ".progress-r")) and ".tmp-" in n)
+        )
+        if ours and p.is_file():
+            p.unlink()
+            removed += 1
+    return removed
+
+
+def remove_temporaries(ddir: Path, prefix: str) -> None:
+    """Half-written shards of a killed run (their names never appear in a manifest)."""
+    for p in ddir.glob(f".{prefix}-*.h5.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return a == b
+    if a.get("fingerprint") or b.get("fingerprint"):
+        return a.get("fingerprint") == b.get("fingerprint")
+    return (a.get("id"), a.get("revision")) == (b.get("id"), b.get("revision"))
+
+
+def identity_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first way an existing manifest differs from this run, in words; None if it matches."""
+    for key in IDENTITY_KEYS:
+        a, b = old.get(key), new.get(key)
+        same = _same_model(a, b) if key in ("strong", "weak") else a == b
+        if not same:
+            if key in ("strong", "weak"):
+                return f"another {key} model ({(a or {}).get('id')!r}, this run {(b or {}).get('id')!r})"
+            if key in ("dataset", "domain"):
+                return f"{key} {a!r} (this run: {b!r})"
+            return f"a different {key}"
+    return None
+
+
+def open_cache(ddir: Path, fresh: dict[str, Any], *, overwrite: bool, is_writer: bool) -> dict[str, Any]:
+    """The manifest to extend: a fresh one, or the existing one if it was made the same way.
+
+    `is_writer` (rank 0) clears (--overwrite) and writes; other ranks only read and check.
+    """
+    path = ddir / MANIFEST
+    if overwrite and is_writer:
+        clear_domain(ddir)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is not a readable manifest; pass --overwrite to start this domain over")
+        why = identity_mismatch(old, fresh)
+        if why is not None:
+            raise UserError(
+                f"{ddir} holds a cache made with {why}; pass --overwrite to replace it, "
+                "or another --cache-dir"
+            )
+        layout, was = fresh["layout"], old.get("layout")
+        if layout != was and not old.get("complete"):
+            raise UserError(
+                f"{ddir} holds an unfinished extraction made with {(was or {}).get('world_size')} "
+                f"process(es) and --shard-size {(was or {}).get('shard_size')}; resume it with the same, "
+                "or pass --overwrite to start over"
+            )
+        return old
+    if is_writer:
+        write_manifest(ddir, fresh)
+    return fresh
+
+
+def done_shards(ddir: Path, manifest: dict[str, Any], rank: int, world: int) -> dict[int, dict[str, Any]]:
+    """This rank's recorded shards by number (only complete shards are ever recorded)."""
+    if world == 1:
+        entries = manifest.get("shards", [])
+    else:
+        path = progress_path(ddir, rank)
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))["shards"] if path.is_file() else []
+        except (OSError, ValueError, KeyError):
+            raise UserError(f"{path} is unreadable; pass --overwrite to start this domain over") from None
+    return {int(e["number"]): e for e in entries if int(e.get("rank", 0)) == rank}
+
+
+class ShardSink:
+    """Collects a rank's batches into its shard ranges and records each shard once it is on disk."""
+
+    def __init__(
+        self,
+        ddir: Path,
+        manifest: dict[str, Any],
+        *,
+        rank: int,
+        world: int,
+        ranges: dict[int, tuple[int, int]],
+        dim: int,
+        num_classes: int,
+        labels: np.ndarray,
+        split: np.ndarray,
+        paths: tuple[str, ...],
+    ):
+        self.ddir, self.manifest, self.rank, self.world = ddir, manifest, rank, world
+        self.ranges = ranges
+        self.labels, self.split, self.paths = labels, split, paths
+        self.dim, self.num_classes = dim, num_classes
+        self.prefix = shard_prefix(rank, world)
+        # Shards are cut at fixed ranges, never by count, so the writer's own cut is set out of reach.
+        self.writer = ShardWriter(ddir, dim, num_classes, shard_size=2**62, prefix=self.prefix)
+        self.skipped: list[dict[str, Any]] = []
+        self.progress: dict[str, Any] = {"rank": rank, "world_size": world, "shards": [], "skipped": []}
+        if world > 1:
+            path = progress_path(ddir, rank)
+            if path.is_file():
+                self.progress = json.loads(path.read_text(encoding="utf-8"))
+        remove_temporaries(ddir, self.prefix)
+
+    def add(self, shard: int, rows: np.ndarray, embeds: np.ndarray, logits: np.ndarray) -> None:
+        if len(rows):
+            self.writer.add(
+                image_embeds=embeds,
+                weak_logits=logits,
+                labels=self.labels[rows],
+                split=self.split[rows],
+                index=rows,
+                paths=[self.paths[r] for r in rows],
+            )
+
+    def skip(self, row: int, reason: str) -> None:
+        self.skipped.append({"path": self.paths[row], "index": int(row), "reason": reason})
+
+    def close_shard(self, number: int) -> dict[str, Any]:
+        """Write shard `number` (maybe short, or empty if every image in it was skipped) and record it."""
+        self.writer.next_shard = number
+        entry = self.writer.flush()
+        if entry is None:
+            name = shard_name(number, self.prefix)
+            empty = {
+                "image_embeds": np.zeros((0, self.dim)),
+                "weak_logits": np.zeros((0, self.num_classes)),
+                "labels": np.zeros(0),
+                "split": np.zeros(0),
+                "index": np.zeros(0),
+                "paths": [],
+            }
+            entry = {"file": name, "rows": write_shard(self.ddir / name, empty)}
+        a, b = self.ranges[number]
+        entry.update(rank=self.rank, number=number, range=[a, b])
+        skipped, self.skipped = self.skipped, []
+        if self.world == 1:
+            self.manifest["shards"].append(entry)
+            self.manifest["skipped"].extend(skipped)
+            write_manifest(self.ddir, self.manifest)
+        else:
+            self.progress["shards"].append(entry)
+            self.progress["skipped"].extend(skipped)
+            atomic_write_text(progress_path(self.ddir, self.rank), json.dumps(self.progress, indent=1) + "\n")
+        return entry
+
+
+def finish(ddir: Path, manifest: dict[str, Any], world: int, expected: dict[int, int]) -> dict[str, Any]:
+    """Rank 0, after every rank is done: list all shards and mark the manifest complete.
+
+    `expected` maps rank to its number of shard ranges; a rank short of shards is an error, never a
+    silently smaller cache.
+    """
+    if world > 1:
+        shards: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
+        for rank in range(world):
+            path = progress_path(ddir, rank)
+            try:
+                prog = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise UserError(
+                    f"{path} is missing or unreadable; rerun the same command to resume"
+                ) from None
+            shards.extend(sorted(prog["shards"], key=lambda e: int(e["number"])))
+            skipped.extend(prog["skipped"])
+        manifest["shards"], manifest["skipped"] = shards, skipped
+    for rank, n in expected.items():
+        got = {int(e["number"]) for e in manifest["shards"] if int(e.get("rank", 0)) == rank}
+        if got != set(range(n)):
+            raise UserError(
+                f"rank {rank} finished {len(got)} of {n} shards in {ddir}; rerun the same command to resume"
+            )
+    manifest["skipped"].sort(key=lambda s: int(s["index"]))
+    manifest["rows"] = sum(int(e["rows"]) for e in manifest["shards"])
+    manifest["complete"] = True
+    write_manifest(ddir, manifest)
+    if world > 1:
+        for rank in range(world):
+            progress_path(ddir, rank).unlink(missing_ok=True)
+    return manifest

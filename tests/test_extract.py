@@ -1,0 +1,246 @@
+"""Stage one: cached rows against the models run the plain way, preprocessing plans, bad inputs refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cpl_cache.cache import load_domain
+from cpl_cache.cli import app
+from cpl_cache.datasets import load_domainnet, load_rgb, prompt_for
+from cpl_cache.extract import ExtractConfig, run_extract
+from cpl_cache.extract.mapper import Mapper
+from cpl_cache.extract.reader import plan_for, rank_share, shard_ranges
+
+torch.set_num_threads(1)
+
+
+def _models(synth_dir: Path) -> tuple[str, str]:
+    return str(synth_dir / "models" / "clip-tiny"), str(synth_dir / "models" / "resnet-tiny")
+
+
+def _cfg(synth_dir: Path, cache: Path, domain: str, **kw) -> ExtractConfig:
+    strong, weak = _models(synth_dir)
+    base = dict(
+        domain=domain, data_root=synth_dir / "domainnet", strong=strong, weak=weak, cache_dir=cache,
+        batch_size=8, workers=0, device="cpu", shard_size=16, progress=False,
+    )  # fmt: skip
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def _reference(synth_dir: Path, root: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each image alone through each model's own processor and forward, the plain way."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, CLIPModel, CLIPProcessor
+
+    strong, weak = _models(synth_dir)
+    clip, proc = CLIPModel.from_pretrained(strong).eval(), CLIPProcessor.from_pretrained(strong)
+    wmodel = AutoModelForImageClassification.from_pretrained(weak).eval()
+    wproc = AutoImageProcessor.from_pretrained(weak)
+    embeds, logits = [], []
+    with torch.no_grad():
+        for rel in paths:
+            img = load_rgb(root / rel)
+            e = clip.get_image_features(**proc(images=img, return_tensors="pt")).pooler_output
+            embeds.append((e / e.norm(dim=-1, keepdim=True))[0].numpy())
+            logits.append(wmodel(**wproc(images=img, return_tensors="pt")).logits[0].numpy())
+    return np.stack(embeds), np.stack(logits)
+
+
+# The three domains with DomainNet's decoding traps: CMYK JPEG, grayscale JPEG, palette PNG with transparency.
+@pytest.mark.parametrize("domain", ["painting", "sketch", "quickdraw"])
+def test_cached_rows_equal_each_model_run_on_its_own_processor(synth_dir, tmp_path, domain):
+    cache = tmp_path / "cache"
+    summary = run_extract(_cfg(synth_dir, cache, domain, workers=1 if domain == "painting" else 0))
+    images = load_domainnet(synth_dir / "domainnet", domain)
+    assert summary["rows"] == len(images) and summary["skipped"] == 0
+    got = load_domain(cache, domain, with_paths=True)
+    assert got.index.tolist() == list(range(len(images)))
+    assert got.paths == list(images.paths)
+    assert got.labels.tolist() == images.labels.tolist()
+    assert got.split.numpy().tolist() == images.split.tolist()
+
+    ref_e, ref_l = _reference(synth_dir, images.root, list(images.paths))
+    assert got.image_embeds.dtype == torch.float16
+    assert np.abs(got.image_embeds.float().numpy() - ref_e).max() <= 2e-3
+    assert np.abs(got.weak_logits.numpy() - ref_l).max() <= 1e-3
+    assert np.allclose(np.linalg.norm(got.image_embeds.float().numpy(), axis=1), 1.0, atol=2e-3)
+
+    m = got.manifest
+    assert m["complete"] and m["counts"] == {s: len(images.rows(s)) for s in ("train", "hold", "test")}
+    assert m["split"]["hold_hash"] == images.hold_hash() and m["classes"] == list(images.classes)
+    assert [s["file"] for s in m["shards"]] == [f"shard-{i:05d}.h5" for i in range(len(m["shards"]))]
+
+    # text.h5: the prompts' embeddings through the processor's tokenizer, padded only to the longest.
+    from transformers import CLIPModel, CLIPProcessor
+
+    strong, _ = _models(synth_dir)
+    clip, proc = CLIPModel.from_pretrained(strong).eval(), CLIPProcessor.from_pretrained(strong)
+    prompts = [prompt_for(c) for c in images.classes]
+    with torch.no_grad():
+        t = clip.get_text_features(**proc(text=prompts, padding=True, return_tensors="pt")).pooler_output
+    t = (t / t.norm(dim=-1, keepdim=True)).numpy()
+    assert np.abs(got.text_embeds.numpy() - t).max() <= 1e-5
+    assert got.logit_scale == pytest.approx(float(clip.logit_scale.detach().exp()))
+    with h5py.File(cache / domain / "text.h5") as f:
+        assert f["prompts"].asstr()[:].tolist() == prompts
+
+
+def _processors():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return {
+        "clip-224": CLIPImageProcessorPil(),
+        "clip-odd": CLIPImageProcessorPil(size={"shortest_edge": 37}, crop_size={"height": 31, "width": 29}),
+        "clip-pad": CLIPImageProcessorPil(size={"shortest_edge": 20}, crop_size={"height": 27, "width": 23}),
+        "convnext-224": ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875),
+        "convnext-384": ConvNextImageProcessorPil(size={"shortest_edge": 384}),
+        "vit": ViTImageProcessorPil(size={"height": 40, "width": 56}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_processors()))
+def test_planned_preprocessing_equals_the_processor(name):
+    """Worker-side resize and crop plus device-side normalisation reproduce `processor(images=img)`."""
+    proc = _processors()[name]
+    plan = plan_for(proc)
+    assert plan.mode == "uint8"
+    rng = np.random.default_rng(0)
+    sizes = [(300, 410), (411, 301), (64, 64), (17, 90)]
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    mapper = Mapper.__new__(Mapper)  # only the normalisation step: no weights needed
+    mapper.device, mapper.plans = torch.device("cpu"), (plan, plan)
+    mapper._consts = [(torch.tensor(plan.mean).view(1, 3, 1, 1), torch.tensor(plan.std).view(1, 3, 1, 1))] * 2
+    for img in imgs:
+        want = proc(images=img, return_tensors="np")["pixel_values"]
+        got = mapper._pixel_values(torch.from_numpy(plan.apply(img)[None].copy()), 0).numpy()
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-5
+
+
+def test_unknown_processor_falls_back_to_calling_it():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    no_crop = CLIPImageProcessorPil(do_center_crop=False)  # output size would vary per image
+    assert plan_for(no_crop).mode == "processor"
+
+
+def test_rank_shares_are_disjoint_and_cover_every_row():
+    for n, world in [(0, 2), (1, 3), (40, 2), (41, 4), (1000, 7)]:
+        rows = [r for k in range(world) for r in range(*rank_share(n, k, world))]
+        assert rows == list(range(n))
+    assert shard_ranges(5, 30, 10) == [(5, 15), (15, 25), (25, 30)]
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def _copy_domain(synth_dir: Path, dst: Path, domain: str) -> tuple[Path, list[str]]:
+    root = dst / "domainnet"
+    shutil.copytree(synth_dir / "domainnet" / domain, root / domain)
+    for part in ("train", "test"):
+        shutil.copy(synth_dir / "domainnet" / f"{domain}_{part}.txt", root)
+    return root, list(load_domainnet(root, domain).paths)
+
+
+def _extract_cli(synth_dir: Path, root: Path, cache: Path, *extra: str):
+    strong, weak = _models(synth_dir)
+    args = ["extract", "--domain", "painting", "--data-root", str(root), "--strong", strong, "--weak", weak]
+    args += ["--cache-dir", str(cache), "--device", "cpu", "--workers", "0", "--batch-size", "8"]
+    args += ["--no-progress"]
+    return CliRunner().invoke(app, args + list(extra))
+
+
+def _damage(root: Path, rel: str, how: str) -> None:
+    path = root / rel
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "not-an-image":
+        path.write_text("this is a text file with a .jpg name\n")
+    elif how == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "not-an-image", "missing"])
+def test_bad_image_with_error_ends_in_one_line_naming_it(synth_dir, tmp_path, how):
+    root, paths = _copy_domain(synth_dir, tmp_path, "painting")
+    bad = paths[21]
+    _damage(root, bad, how)
+    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--shard-size", "16")
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cpl-cache: error:") and bad in lines[0], res.output
+    assert "Traceback" not in res.output
+    if how in ("empty", "missing"):  # found before any model is loaded: nothing written yet
+        assert "1 of 40" in lines[0]
+        assert not (tmp_path / "cache" / "painting" / "manifest.json").exists()
+    else:  # found while decoding: the shards before the bad image are kept for a rerun
+        m = json.loads((tmp_path / "cache" / "painting" / "manifest.json").read_text())
+        assert not m["complete"] and sum(s["rows"] for s in m["shards"]) == 16  # rows 0..15
+
+
+def test_bad_images_with_skip_are_listed_and_the_rest_is_extracted(synth_dir, tmp_path):
+    root, paths = _copy_domain(synth_dir, tmp_path, "painting")
+    bad = {paths[3]: "truncated", paths[17]: "empty", paths[18]: "not-an-image", paths[35]: "missing"}
+    for rel, how in bad.items():
+        _damage(root, rel, how)
+    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--on-bad-image", "skip", "--shard-size", "4")
+    assert res.exit_code == 0, res.output
+    got = load_domain(tmp_path / "cache", "painting", with_paths=True)
+    assert got.paths == [p for p in paths if p not in bad]
+    skipped = got.manifest["skipped"]
+    assert [s["path"] for s in skipped] == [paths[i] for i in (3, 17, 18, 35)]
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    assert "truncated" in reasons[paths[3]] and "0 bytes" in reasons[paths[17]]
+    assert "not found" in reasons[paths[35]]
+    assert got.manifest["rows"] == 36 and got.manifest["complete"]
+
+
+def test_weak_checkpoint_with_other_labels_is_refused(synth_dir, tmp_path):
+    from cpl_cache.synth.models import write_resnet
+
+    classes = list(load_domainnet(synth_dir / "domainnet", "painting").classes)
+    root = synth_dir / "domainnet"
+    for name, labels, expect in [
+        ("reordered", classes[::-1], "calls label 0"),
+        ("fewer", classes[:-1], f"has {len(classes) - 1} labels"),
+    ]:
+        weak = write_resnet(tmp_path / name, labels)
+        strong, _ = _models(synth_dir)
+        res = CliRunner().invoke(
+            app,
+            ["extract", "--domain", "painting", "--data-root", str(root), "--strong", strong,
+             "--weak", str(weak), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"],
+        )  # fmt: skip
+        assert res.exit_code == 2 and expect in res.output and "train-weak" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
+def test_cache_of_another_model_is_refused_and_overwrite_starts_over(synth_dir, tmp_path):
+    from cpl_cache.synth.models import write_clip
+
+    cache = tmp_path / "cache"
+    run_extract(_cfg(synth_dir, cache, "painting", shard_size=64))
+    other = write_clip(tmp_path / "clip-other", seed=1)
+    res = _extract_cli(synth_dir, synth_dir / "domainnet", cache, "--strong", str(other))
+    assert res.exit_code == 2 and "another strong model" in res.output and "--overwrite" in res.output
+    res = _extract_cli(synth_dir, synth_dir / "domainnet", cache, "--strong", str(other), "--overwrite")
+    assert res.exit_code == 0, res.output
+    m = load_domain(cache, "painting").manifest
+    assert m["strong"]["id"] == str(other) and m["complete"]
+    # The same command again finds the cache complete and leaves it as it is.
+    res = _extract_cli(synth_dir, synth_dir / "domainnet", cache, "--strong", str(other))
+    assert res.exit_code == 0 and "0 new" in res.output
