@@ -312,7 +312,8 @@ def plan(cfg: PipelineConfig) -> list[_Cell]:
             )
         seen[(domain, name, seed)] = True
         path = trainer.result_path(Path(cfg.results), domain, name, seed)
-        cells.append(_Cell(domain, seed, name, path, dataclasses.asdict(hp), tcfg))
+        hparams = json.loads(json.dumps(dataclasses.asdict(hp)))  # as a results file holds them
+        cells.append(_Cell(domain, seed, name, path, hparams, tcfg))
     return cells
 
 

@@ -359,6 +359,7 @@ def plot_curves(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UserError(
             "plotting needs matplotlib; install the plot extra: pip install 'cpl-cache[plot]'"
@@ -413,6 +414,7 @@ def plot_curves(
     ax_test.set_title("Test accuracy")
     for ax in (ax_train, ax_test):
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)

@@ -128,6 +128,15 @@ def test_bad_grid_files_are_refused(tmp_path: Path) -> None:
         load_grid(bad)
 
 
+def test_python_310_without_tomli_is_told_what_to_install(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(UserError, match="pip install tomli"):
+        pipeline._toml_loads("seeds = [0]")
+
+
 def test_run_trains_every_cell_once_and_skips_them_after(setup) -> None:
     cfg, calls = setup
     summary = run_pipeline(cfg)

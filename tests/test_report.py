@@ -180,6 +180,17 @@ def test_pgr_is_undefined_where_the_ceiling_equals_the_weak(tmp_path: Path) -> N
     assert cpl["pgr"]["real"] == pytest.approx(0.5) and cpl["pgr"]["avg"] == pytest.approx(0.5)
 
 
+def test_a_ceiling_run_with_overrides_stands_for_the_ceiling(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_record(root, "weak", "real", 0, 0.4)
+    write_record(root, "ceiling+epochs=3", "real", 0, 0.8)
+    write_record(root, "cpl+epochs=3", "real", 0, 0.5)
+    table = build_table(load_results(root))
+    assert [r["method"] for r in table["rows"]] == ["weak", "cpl+epochs=3", "ceiling+epochs=3"]
+    assert table["rows"][1]["pgr"]["avg"] == pytest.approx(0.25)
+    assert "with `ceiling+epochs=3` as the ceiling" in render_table(root)
+
+
 def test_a_method_missing_a_domain_has_no_average(tmp_path: Path) -> None:
     root = tmp_path / "r"
     write_record(root, "cpl", "clipart", 0, 0.5)
@@ -266,7 +277,7 @@ def test_plot_refuses_what_it_cannot_draw(curves: Path, tmp_path: Path, monkeypa
         plot_curves(curves, "painting", tmp_path / "a.png", seed=3)
     with pytest.raises(UserError, match=r"\.png"):
         plot_curves(curves, "painting", tmp_path / "a.jpgx")
-    for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+    for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(UserError, match=r"cpl-cache\[plot\]"):
         plot_curves(curves, "painting", tmp_path / "a.png")
