@@ -264,7 +264,9 @@ class PipelineSummary:
 
 
 @dataclass(frozen=True)
-class _Cell:
+class Cell:
+    """One planned run: where its result goes and the hyperparameters it will record."""
+
     domain: str
     seed: int
     name: str  # the run's name (method plus overrides that differ from its defaults)
@@ -273,7 +275,7 @@ class _Cell:
     train_config: Any
 
 
-def _stale_reason(cell: _Cell, fingerprint: str) -> str | None:
+def _stale_reason(cell: Cell, fingerprint: str) -> str | None:
     """Why the existing result of `cell` cannot be reused, or None when it can."""
     try:
         record = json.loads(cell.path.read_text(encoding="utf-8"))
@@ -287,7 +289,7 @@ def _stale_reason(cell: _Cell, fingerprint: str) -> str | None:
     return None
 
 
-def plan(cfg: PipelineConfig) -> list[_Cell]:
+def plan(cfg: PipelineConfig) -> list[Cell]:
     """Every cell of the grid as a checked TrainConfig with its result path; refuses bad settings up front."""
     trainer = _trainer()
     registry = _registry()
@@ -295,7 +297,8 @@ def plan(cfg: PipelineConfig) -> list[_Cell]:
         load_grid(cfg.pipeline, registry), domains=cfg.domains, seeds=cfg.seeds, methods=cfg.methods,
         registry=registry,
     )  # fmt: skip
-    cells, seen = [], {}
+    cells: list[Cell] = []
+    seen: set[tuple[str, str, int]] = set()
     for domain, spec, seed in grid.cells():
         tcfg = trainer.TrainConfig(
             method=spec.method, domain=domain, cache_dir=Path(cfg.cache_dir), out=Path(cfg.results),
@@ -310,10 +313,10 @@ def plan(cfg: PipelineConfig) -> list[_Cell]:
                 f"{cfg.pipeline}: two method lines both run as {name!r} (same settings after defaults); "
                 "keep one of them"
             )
-        seen[(domain, name, seed)] = True
+        seen.add((domain, name, seed))
         path = trainer.result_path(Path(cfg.results), domain, name, seed)
         hparams = json.loads(json.dumps(dataclasses.asdict(hp)))  # as a results file holds them
-        cells.append(_Cell(domain, seed, name, path, hparams, tcfg))
+        cells.append(Cell(domain, seed, name, path, hparams, tcfg))
     return cells
 
 
@@ -330,7 +333,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     # Check every domain before training anything, so a missing one fails the run up front.
     fingerprints = {d: manifest_identity(read_manifest(cfg.cache_dir, d))["fingerprint"] for d in domains}
     summary = PipelineSummary(cells=len(cells), results=Path(cfg.results))
-    todo: dict[str, list[_Cell]] = {d: [] for d in domains}
+    todo: dict[str, list[Cell]] = {d: [] for d in domains}
     notes = []
     for cell in cells:
         why = _stale_reason(cell, fingerprints[cell.domain]) if cell.path.is_file() else "missing"
