@@ -222,14 +222,16 @@ def load_domainnet(root: Path, domain: str, *, hold_frac: float = 0.5, split_see
     )
 
 
-def check_files(images: ImageList, limit: int = 5) -> None:
+def check_files(images: ImageList, limit: int = 5, *, rows: np.ndarray | None = None) -> None:
     """Raise a UserError with the count and the first few paths if any listed image is missing.
 
-    Lists each class folder once instead of calling stat per image (586k stats are slow on NFS).
+    `rows` restricts the check to some rows (train-weak needs only hold and test). Lists each class
+    folder once instead of calling stat per image (586k stats are slow on network disks).
     """
+    paths = images.paths if rows is None else [images.paths[i] for i in rows]
     listing: dict[str, set[str] | None] = {}
     missing: list[str] = []
-    for rel in images.paths:
+    for rel in paths:
         folder, _, name = rel.rpartition("/")
         if folder not in listing:
             try:
@@ -242,7 +244,7 @@ def check_files(images: ImageList, limit: int = 5) -> None:
     if missing:
         shown = ", ".join(missing[:limit]) + (", ..." if len(missing) > limit else "")
         raise UserError(
-            f"{len(missing)} of {len(images.paths)} images listed for {images.domain} are missing under "
+            f"{len(missing)} of {len(paths)} images listed for {images.domain} are missing under "
             f"{images.root} ({shown}); restore them or drop those lines from the lists"
         )
 
