@@ -1,0 +1,85 @@
+"""Heads trained on cached image embeddings: `HEADS[name](domain, generator) -> nn.Module`.
+
+`domain` is a `CachedDomain` (or a `HeadSpec`: anything with `dim`, `num_classes`, `text_embeds` and
+`logit_scale`). Every head maps L2-normalised float32 embeddings (B, D) to logits (B, K); the trainer
+normalises the cached embeddings once, so a head never re-normalises its input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head is built from (the fields of a `CachedDomain` it reads), for use without a cache."""
+
+    dim: int
+    num_classes: int
+    text_embeds: Tensor | None = None  # (K, D) float32
+    logit_scale: float | None = None  # the multiplier kappa applied to cosine similarities
+
+
+class ProtoHead(nn.Module):
+    """Cosine prototypes (CPL): logits = kappa * cos(x, C_k), C initialised from the text embeddings.
+
+    Only C is trained; it is normalised on every forward (K x D, cheap), the input never is.
+    """
+
+    def __init__(self, prototypes: Tensor, scale: float) -> None:
+        super().__init__()
+        self.prototypes = nn.Parameter(F.normalize(prototypes.detach().float().clone(), dim=1))
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ (self.scale * F.normalize(self.prototypes, dim=1)).T
+
+
+class LinearHead(nn.Module):
+    """A linear probe, logits = W x + b, initialised as `nn.Linear` does but from a given generator."""
+
+    def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(dim)
+        self.weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound, generator=generator))
+        self.bias = nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound, generator=generator))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight.T)
+
+
+def proto_head(spec: Any, generator: torch.Generator | None = None) -> ProtoHead:
+    from cpl_cache.errors import UserError
+
+    if spec.text_embeds is None or spec.logit_scale is None:
+        raise UserError(
+            "the proto head starts from the class text embeddings, but this cache has no text.h5; "
+            "re-extract the domain, or pass --head linear"
+        )
+    return ProtoHead(spec.text_embeds, spec.logit_scale)
+
+
+def linear_head(spec: Any, generator: torch.Generator | None = None) -> LinearHead:
+    return LinearHead(spec.dim, spec.num_classes, generator)
+
+
+HEADS: dict[str, Callable[[Any, torch.Generator | None], nn.Module]] = {
+    "proto": proto_head,
+    "linear": linear_head,
+}
+
+
+def get_head(name: str) -> Callable[[Any, torch.Generator | None], nn.Module]:
+    """The head builder registered as `name`, or a UserError listing the valid names."""
+    from cpl_cache.errors import UserError
+
+    if name not in HEADS:
+        raise UserError(f"unknown head {name!r}; choose one of: {', '.join(HEADS)}")
+    return HEADS[name]

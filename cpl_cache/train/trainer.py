@@ -1,0 +1,273 @@
+"""Stage two: train one head with one loss from the cached tensors, evaluate, write the results JSON.
+
+    cpl-cache train --method cpl --domain quickdraw --cache-dir cache
+    cpl-cache train --method naive-lp --domain quickdraw --cache-dir cache --loss adaptconf --epochs 5
+
+    from cpl_cache.train.trainer import TrainConfig, run_training
+    record = run_training(TrainConfig(method="cpl", domain="quickdraw", cache_dir=Path("cache")))
+
+The whole split lives on the device as tensors: embeddings normalised once to float32, targets (weak
+logits, or ground truth for the ceilings) gathered once. A batch is a slice of a seeded permutation;
+there is no DataLoader, no per-step host sync, and the only per-step Python is the loop below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpl_cache.errors import UserError
+from cpl_cache.train.heads import get_head
+from cpl_cache.train.losses import Loss, get_loss
+from cpl_cache.train.methods import Method, get_method
+
+if TYPE_CHECKING:
+    from cpl_cache.cache import CachedDomain
+
+TRUTH_OFF = -1e4  # ground truth as logits: 0 on the true class, this elsewhere; softmax reads it as one-hot
+EVAL_CHUNK = 16384  # rows per forward pass when evaluating (bounds memory on large splits)
+CURVE_TRAIN_ROWS = 8192  # fixed random train rows on which the curve's train accuracy is measured
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One stage-two run; None means the method's default from `METHODS`."""
+
+    method: str
+    domain: str
+    cache_dir: Path
+    out: Path = Path("results")
+    seed: int = 0
+    head: str | None = None
+    loss: str | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """What one run actually uses: the method's defaults with the config's overrides applied."""
+
+    head: str | None
+    loss: str | None
+    targets: str | None
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    curve_points: int
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+
+
+def result_path(out: Path, domain: str, method: str, seed: int) -> Path:
+    """Where a run's record lives: `out/domain/{method}-seed{seed}.json`."""
+    return Path(out) / domain / f"{method}-seed{seed}.json"
+
+
+def resolve(cfg: TrainConfig) -> tuple[Method, Hparams, str]:
+    """The method, its hyperparameters with overrides, and the run's name.
+
+    The name is the method's, followed by `+key=value` for each override that differs from the
+    method's default (e.g. `cpl+loss=soft`, `naive-lp+head=proto+epochs=5`), so that an ablation
+    never overwrites the plain method's results.
+    """
+    m = get_method(cfg.method)
+    overrides = {
+        "head": cfg.head,
+        "loss": cfg.loss,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch": cfg.batch_size,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not m.trains and given:
+        raise UserError(
+            f"method {m.name!r} trains nothing, so --{'/--'.join(given)} do not apply; "
+            "pick a method that trains (see `cpl-cache methods`)"
+        )
+    if cfg.head is not None:
+        get_head(cfg.head)
+    if cfg.loss is not None:
+        get_loss(cfg.loss)
+    if cfg.epochs is not None and cfg.epochs < 0:
+        raise UserError(f"--epochs must be 0 or more, got {cfg.epochs}")
+    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UserError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be 1 or more, got {cfg.batch_size}")
+    hp = Hparams(
+        head=cfg.head or m.head,
+        loss=cfg.loss or m.loss,
+        targets=m.targets,
+        epochs=m.epochs if cfg.epochs is None else cfg.epochs,
+        lr=m.lr if cfg.lr is None else cfg.lr,
+        batch_size=m.batch_size if cfg.batch_size is None else cfg.batch_size,
+        weight_decay=m.weight_decay,
+        curve_points=m.curve_points,
+    )
+    defaults = {"head": m.head, "loss": m.loss, "epochs": m.epochs, "lr": m.lr, "batch": m.batch_size}
+    name = m.name + "".join(
+        f"+{k}={v:g}" if isinstance(v, float) else f"+{k}={v}" for k, v in given.items() if v != defaults[k]
+    )
+    return m, hp, name
+
+
+def check_domain(data: CachedDomain, where: str, needs_train: bool) -> None:
+    """Refuse a cache that cannot give a meaningful result, with one line naming the fix."""
+    counts = torch.bincount(data.split.long(), minlength=3)
+    if int(counts[2]) == 0:
+        raise UserError(
+            f"{where} has no test rows, so there is nothing to evaluate on; "
+            "extract it with a hold fraction below 1 (or use the full cache)"
+        )
+    if needs_train and int(counts[0]) == 0:
+        raise UserError(f"{where} has no train rows to train on; extract the domain's train list too")
+    bad = ~torch.isfinite(data.weak_logits).all(dim=1)
+    if bool(bad.any()):
+        rows = data.index[bad][:5].tolist()
+        raise UserError(
+            f"{where} has {int(bad.sum())} row(s) of NaN or infinite weak logits (image rows {rows}...); "
+            "the weak checkpoint is broken: fix it and re-extract with --overwrite"
+        )
+
+
+@torch.no_grad()
+def predict(head: nn.Module, x: Tensor) -> Tensor:
+    """Argmax class of every row, a chunk at a time."""
+    return torch.cat([head(x[i : i + EVAL_CHUNK]).argmax(dim=1) for i in range(0, len(x), EVAL_CHUNK)])
+
+
+def fit(
+    head: nn.Module,
+    loss_fn: Loss,
+    x: Tensor,
+    targets: Tensor,
+    hp: Hparams,
+    generator: torch.Generator,
+    evaluate: Any = None,
+) -> list[dict[str, Any]]:
+    """Train `head` on rows `x` (N, D) against `targets` (N, K): AdamW, cosine schedule to zero.
+
+    `evaluate(step)` is called at `hp.curve_points + 1` fixed steps (0 and the last included) and
+    its records are the curve. Batches are slices of one seeded permutation per epoch.
+    """
+    n, bs = len(x), min(hp.batch_size, len(x))
+    per_epoch = math.ceil(n / bs)
+    total = hp.epochs * per_epoch
+    at = {round(i * total / hp.curve_points) for i in range(hp.curve_points + 1)} if total else {0}
+    fused = x.device.type in ("cpu", "cuda")  # one kernel for the whole update instead of ~10 per tensor
+    opt = torch.optim.AdamW(head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+    curve = []
+    for step in range(total):
+        if evaluate is not None and step in at:
+            curve.append(evaluate(step))
+        i = step % per_epoch
+        if i == 0:  # a fresh permutation per epoch, drawn on the CPU so every device sees the same one
+            perm = torch.randperm(n, generator=generator).to(x.device)
+        idx = perm[i * bs : (i + 1) * bs]
+        for group in opt.param_groups:
+            group["lr"] = hp.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        loss = loss_fn(head(x[idx]), targets[idx], step / total)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if evaluate is not None:
+        curve.append(evaluate(total))
+    return curve
+
+
+def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str, Any]:
+    """Load the cache (unless `data` is given), train, write the results JSON atomically, return it."""
+    from cpl_cache.cache import atomic_write_text, domain_dir, load_domain
+    from cpl_cache.runtime import resolve_device, seed_everything
+
+    method, hp, name = resolve(cfg)
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = load_domain(cfg.cache_dir, cfg.domain)
+    elif data.manifest.get("domain") != cfg.domain:
+        raise ValueError(f"data holds domain {data.manifest.get('domain')!r}, the config says {cfg.domain!r}")
+    check_domain(data, str(domain_dir(cfg.cache_dir, cfg.domain)), method.trains and hp.epochs > 0)
+    if device == "cpu":
+        # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which
+        # x86 CPUs process tens of times slower; flushing them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    train, test = data.rows("train"), data.rows("test")
+    weak_test = data.weak_logits[test].argmax(dim=1).to(device)
+    y_test = data.labels[test].to(device)  # the only ground truth a weak-supervised run reads
+    K = data.num_classes
+    if bool((y_test < 0).any() or (y_test >= K).any()):
+        raise UserError(
+            f"test labels of {cfg.domain} fall outside 0..{K - 1}; the cache is damaged, re-extract it"
+        )
+
+    curve: list[dict[str, Any]] = []
+    if method.name == "weak" or hp.head is None:
+        pred_test = weak_test
+        train_acc = 1.0
+    else:
+        x_test = F.normalize(data.image_embeds[test].float(), dim=1).to(device)
+        x_train = F.normalize(data.image_embeds[train].float(), dim=1).to(device)
+        weak_train = data.weak_logits[train].argmax(dim=1).to(device)
+        head = get_head(hp.head)(data, gen).to(device)
+        if method.trains and hp.epochs > 0:
+            if hp.targets == "truth":
+                y_train = data.labels[train].to(device)
+                targets = torch.full((len(train), K), TRUTH_OFF, device=device)
+                targets.scatter_(1, y_train[:, None], 0.0)
+            else:
+                targets = data.weak_logits[train].to(device)
+            probe = torch.randperm(len(train), generator=gen)[:CURVE_TRAIN_ROWS].to(device)
+
+            def evaluate(step: int) -> dict[str, Any]:
+                tr = (predict(head, x_train[probe]) == weak_train[probe]).float().mean().item()
+                te = (predict(head, x_test) == y_test).float().mean().item()
+                return {"step": step, "train_acc": tr, "test_acc": te}
+
+            head.train()
+            curve = fit(head, get_loss(hp.loss), x_train, targets, hp, gen, evaluate)
+        head.eval()
+        pred_test = predict(head, x_test)
+        train_acc = (
+            (predict(head, x_train) == weak_train).float().mean().item() if len(train) else float("nan")
+        )
+
+    metrics = {
+        "test_acc": (pred_test == y_test).float().mean().item(),
+        "weak_agreement": (pred_test == weak_test).float().mean().item(),
+        "train_acc": train_acc,
+    }
+    record = {
+        "domain": cfg.domain,
+        "method": name,
+        "base_method": method.name,
+        "head": hp.head,
+        "loss": hp.loss,
+        "seed": cfg.seed,
+        "hparams": asdict(hp),
+        "metrics": metrics,
+        "curve": curve,
+        "seconds": time.perf_counter() - t0,
+        "device": device,
+        "cache": data.identity(),
+    }
+    path = result_path(cfg.out, cfg.domain, name, cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    record["path"] = str(path)
+    return record
