@@ -232,6 +232,54 @@ def train_weak_cmd(
 # Stage two: methods, train
 # ---------------------------------------------------------------------------------------------
 
+
+@command("methods")
+def methods_cmd() -> None:
+    """List the registered methods: name, head, loss, targets and one line each."""
+    from cpl_cache.train.methods import METHODS
+
+    for m in METHODS.values():
+        typer.echo(f"{m.name:<13} {m.head or '-':<7} {m.loss or '-':<10} {m.targets or '-':<6} {m.summary}")
+
+
+@command("train")
+def train_cmd(
+    method: Annotated[str, typer.Option("--method", help="A registered method (see `cpl-cache methods`).")],
+    domain: DomainOpt,
+    cache_dir: CacheDir,
+    head: Annotated[Optional[str], typer.Option(help="Override the method's head: proto or linear.")] = None,
+    loss: Annotated[
+        Optional[str], typer.Option(help="Override the loss: soft, hard, kd, auxconf, augconf, adaptconf.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over train (default: the method's).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW step size (default: the method's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default: the method's).")] = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Path, typer.Option(help="Results folder; writes OUT/DOMAIN/METHOD-seedN.json.")] = Path(
+        "results"
+    ),
+) -> None:
+    """Stage two: train a head on the cached embeddings and write the results JSON.
+
+    Overrides that differ from the method's defaults are appended to the recorded name
+    (e.g. `cpl+loss=soft`), so an ablation never overwrites the plain method's results.
+    """
+    from cpl_cache.train.trainer import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        method=method, domain=domain, cache_dir=cache_dir, out=out, seed=seed, head=head, loss=loss,
+        epochs=epochs, lr=lr, batch_size=batch_size, device=device,
+    )
+    r = run_training(cfg)
+    m = r["metrics"]
+    typer.echo(
+        f"{r['domain']} {r['method']} seed {r['seed']}: test acc {100 * m['test_acc']:.2f}%, "
+        f"weak agreement {100 * m['weak_agreement']:.2f}%, {r['hparams']['epochs'] if r['curve'] else 0} "
+        f"epochs in {r['seconds']:.2f}s on {r['device']} -> {r['path']}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Pipelines and reports: run, table, plot
 # ---------------------------------------------------------------------------------------------
