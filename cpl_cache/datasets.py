@@ -1,19 +1,26 @@
-"""The DomainNet reader: split lists, label order, the seeded hold/test split, and image decoding.
+"""Image sets on disk: DomainNet, Office-Home and any class-folder tree, read into one ImageList.
 
 DomainNet on disk is `R/{domain}/{class}/{file}` plus the lists `R/{domain}_train.txt` and
 `R/{domain}_test.txt`, one `{domain}/{class}/{file} {label}` per line. The lists are the authority
 on labels; class names in label order come from them, not from sorting folder names.
-
 Splits: `train` is the train list; the test list is divided, stratified by class with a seeded
-generator, into `hold` (ground truth for the weak model) and `test`. The assignment is a pure
-function of (the listed paths and labels, the fraction, the seed), so train-weak, extract and
-train agree on it without talking to each other.
+generator, into `hold` (ground truth for the weak model) and `test`.
+
+Office-Home (`R/{Art,Clipart,Product,Real World}/{class}/*`) and the `folder` layout
+(`R/{domain}/{class}/*`, any names) have no official split: the class folders, sorted, give the
+label order, and each class is split with a seeded generator into `train` (TRAIN_FRAC of it) and
+the rest, which `hold_frac` divides into `hold` and `test` as it divides DomainNet's test list.
+A `folder` domain may instead bring DomainNet-style lists, which then rule as they do for DomainNet.
+
+Every assignment is a pure function of (the sorted paths and labels, the fractions, the seed), so
+train-weak, extract and train agree on it without talking to each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +35,26 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+OFFICEHOME_DOMAINS = ("Art", "Clipart", "Product", "Real World")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # matched case-insensitively
+TRAIN_FRAC = 0.6  # share of each class in train where a layout has no official split
 
 __all__ = [
     "DATASETS",
     "DOMAINS",
+    "IMAGE_SUFFIXES",
+    "OFFICEHOME_DOMAINS",
     "SPLIT_CODES",
+    "TRAIN_FRAC",
     "ImageList",
     "check_files",
     "load_dataset",
     "load_domainnet",
+    "load_folder",
+    "load_officehome",
     "load_rgb",
     "prompt_for",
+    "split_three_ways",
     "stratified_split",
 ]
 
@@ -47,7 +63,8 @@ __all__ = [
 class ImageList:
     """One domain's images: paths relative to `root`, labels, and the split code of every row.
 
-    Rows are the train list, then the test list, in list order; a row's position is its `index`
+    Rows are the train list, then the test list, in list order (or, for a layout without lists, the
+    class folders in label order, each one's files sorted by name); a row's position is its `index`
     in the cache.
     """
 
@@ -177,23 +194,30 @@ def load_domainnet(root: Path, domain: str, *, hold_frac: float = 0.5, split_see
     """Read one DomainNet domain's lists and assign each row to train, hold or test."""
     root = Path(root)
     if domain not in DOMAINS:
-        raise UserError(f"unknown DomainNet domain {domain!r}; use one of {', '.join(DOMAINS)}")
+        other = (
+            f"; {domain!r} is an Office-Home domain, pass --dataset officehome"
+            if domain in OFFICEHOME_DOMAINS
+            else ""
+        )
+        raise UserError(f"unknown DomainNet domain {domain!r}; use one of {', '.join(DOMAINS)}{other}")
     if not root.is_dir():
         raise UserError(
             f"data root {root} does not exist; --data-root must be the DomainNet folder that holds "
             f"{domain}/ and {domain}_train.txt, {domain}_test.txt"
         )
-    lists = {}
     for part in ("train", "test"):
         path = root / f"{domain}_{part}.txt"
         if not path.is_file():
             raise UserError(
                 f"{path} not found; --data-root must hold DomainNet's lists ({domain}_{part}.txt)"
             )
-        lists[part] = _read_list(path, domain)
+    return _from_lists("domainnet", root, domain, hold_frac, split_seed)
 
-    tr_paths, tr_labels, tr_where = lists["train"]
-    te_paths, te_labels, te_where = lists["test"]
+
+def _from_lists(dataset: str, root: Path, domain: str, hold_frac: float, split_seed: int) -> ImageList:
+    """A domain whose `{domain}_train.txt` and `{domain}_test.txt` give paths, labels and the train split."""
+    tr_paths, tr_labels, tr_where = _read_list(root / f"{domain}_train.txt", domain)
+    te_paths, te_labels, te_where = _read_list(root / f"{domain}_test.txt", domain)
     paths = tr_paths + te_paths
     classes = _class_names(paths, tr_labels + te_labels, tr_where + te_where)
     labels = np.asarray(tr_labels + te_labels, dtype=np.int64)
@@ -210,7 +234,7 @@ def load_domainnet(root: Path, domain: str, *, hold_frac: float = 0.5, split_see
         ]
     )
     return ImageList(
-        dataset="domainnet",
+        dataset=dataset,
         domain=domain,
         root=root,
         classes=classes,
@@ -220,6 +244,170 @@ def load_domainnet(root: Path, domain: str, *, hold_frac: float = 0.5, split_see
         hold_frac=float(hold_frac),
         split_seed=int(split_seed),
     )
+
+
+# ------------------------------------------------------------------------ class-folder layouts
+
+
+def split_three_ways(
+    labels: np.ndarray, hold_frac: float, seed: int, *, train_frac: float = TRAIN_FRAC
+) -> np.ndarray:
+    """Split codes (uint8) for a layout without an official split: per class, `train_frac` to train,
+    then `hold_frac` of the rest to hold and the remainder to test.
+
+    Each class draws one permutation from its own generator `default_rng([seed, class])`; train takes
+    its head, hold the next rows, test the tail. So `hold_frac` never moves a train row, and one
+    class's size never moves another class's rows. Fractional counts are rounded up or down at
+    random with that probability, as in `stratified_split`. Rows are taken in the order given, so
+    callers pass them in a canonical (sorted) order.
+    """
+    if not 0.0 <= train_frac <= 1.0:
+        raise UserError(f"the train share must be between 0 and 1, got {train_frac}")
+    if not 0.0 <= hold_frac <= 1.0:
+        raise UserError(f"--hold-frac must be between 0 and 1, got {hold_frac}")
+    if seed < 0:
+        raise UserError(f"--split-seed must be a non-negative integer, got {seed}")
+    labels = np.asarray(labels)
+    codes = np.full(len(labels), SPLIT_CODES["test"], dtype=np.uint8)
+
+    def draw(rng: np.random.Generator, exact: float) -> int:
+        n = int(np.floor(exact))
+        return n + 1 if rng.random() < exact - n else n
+
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng = np.random.default_rng([int(seed), int(c)])
+        n_train = draw(rng, train_frac * len(idx))
+        n_hold = draw(rng, hold_frac * (len(idx) - n_train))
+        perm = idx[rng.permutation(len(idx))]
+        codes[perm[:n_train]] = SPLIT_CODES["train"]
+        codes[perm[n_train : n_train + n_hold]] = SPLIT_CODES["hold"]
+    return codes
+
+
+def _name_key(name: str) -> str:
+    """Sort key of a file or folder name: NFC, so a tree copied from macOS (NFD names) sorts the same."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _visible_dirs(folder: Path) -> list[str]:
+    """Sub-folder names, sorted, without hidden ones and archive debris such as __MACOSX."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as err:
+        raise UserError(
+            f"cannot list {folder} ({err.strerror or err}); check the path and permissions"
+        ) from None
+    names = [e.name for e in entries if e.is_dir() and not e.name.startswith((".", "__MACOSX"))]
+    return sorted(names, key=_name_key)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _check_utf8(rel: str, root: Path) -> None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise UserError(
+            f"{root / shown}: the name is not valid UTF-8, so the cache cannot record it; rename it"
+        ) from None
+
+
+def _scan_tree(dataset: str, root: Path, domain: str, hold_frac: float, split_seed: int) -> ImageList:
+    """`root/{domain}/{class}/*`: sorted class folders give the labels, sorted files the rows."""
+    ddir = root / domain
+    classes = _visible_dirs(ddir)
+    if not classes:
+        raise UserError(
+            f"{ddir} holds no class folders; the layout is {root}/{domain}/CLASS/IMAGE, one folder a class"
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        try:
+            names = [e.name for e in os.scandir(ddir / cls) if e.is_file() and _is_image(e.name)]
+        except OSError as err:
+            raise UserError(f"cannot list {ddir / cls} ({err.strerror or err}); check permissions") from None
+        if not names:
+            raise UserError(
+                f"class folder {ddir / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); add its images "
+                "or move the folder out of the domain"
+            )
+        for name in sorted(names, key=lambda n: (_name_key(n), n)):
+            rel = f"{domain}/{cls}/{name}"
+            _check_utf8(rel, root)
+            paths.append(rel)
+            labels.append(label)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    return ImageList(
+        dataset=dataset,
+        domain=domain,
+        root=root,
+        classes=tuple(_name_key(c) for c in classes),
+        paths=tuple(paths),
+        labels=labels_arr,
+        split=split_three_ways(labels_arr, hold_frac, split_seed),
+        hold_frac=float(hold_frac),
+        split_seed=int(split_seed),
+    )
+
+
+def _check_domain_name(domain: str) -> None:
+    if not domain or domain.strip() != domain or "/" in domain or "\\" in domain or domain in (".", ".."):
+        raise UserError(
+            f"--domain {domain!r} is not a folder name; pass the name of a folder under --data-root"
+        )
+
+
+def load_officehome(root: Path, domain: str, *, hold_frac: float = 0.5, split_seed: int = 0) -> ImageList:
+    """One Office-Home domain (`Real World` with its space, as in the official archive), split per class."""
+    root = Path(root)
+    if domain not in OFFICEHOME_DOMAINS:
+        squashed = {d.lower().replace(" ", ""): d for d in OFFICEHOME_DOMAINS}
+        guess = squashed.get(domain.lower().replace("_", "").replace("-", "").replace(" ", ""))
+        hint = f' (did you mean "{guess}"? quote it: --domain "{guess}")' if guess else ""
+        raise UserError(
+            f"unknown Office-Home domain {domain!r}{hint}; use one of "
+            f"{', '.join(repr(d) for d in OFFICEHOME_DOMAINS)}"
+        )
+    if not (root / domain).is_dir():
+        what = "does not exist" if not root.is_dir() else f"has no {domain}/ folder"
+        raise UserError(
+            f"data root {root} {what}; --data-root must be the Office-Home folder that holds "
+            f"{', '.join(d + '/' for d in OFFICEHOME_DOMAINS)} (the unpacked official archive)"
+        )
+    return _scan_tree("officehome", root, domain, hold_frac, split_seed)
+
+
+def load_folder(root: Path, domain: str, *, hold_frac: float = 0.5, split_seed: int = 0) -> ImageList:
+    """Any `root/{domain}/{class}/*` tree; `root/{domain}_train.txt` and `_test.txt`, when both exist,
+    give the labels and the train split as DomainNet's lists do."""
+    root = Path(root)
+    _check_domain_name(domain)
+    if not root.is_dir():
+        raise UserError(
+            f"data root {root} does not exist; --data-root must be the folder that holds {domain}/CLASS/IMAGE"
+        )
+    lists = [root / f"{domain}_{part}.txt" for part in ("train", "test")]
+    present = [p.is_file() for p in lists]
+    if all(present):
+        return _from_lists("folder", root, domain, hold_frac, split_seed)
+    if any(present):
+        have, lack = (lists[0], lists[1]) if present[0] else (lists[1], lists[0])
+        raise UserError(
+            f"{have} exists but {lack} does not; give both lists, or neither for a seeded split of {domain}/"
+        )
+    if not (root / domain).is_dir():
+        found = _visible_dirs(root)
+        shown = ", ".join(repr(d) for d in found[:10]) + (" ..." if len(found) > 10 else "")
+        raise UserError(
+            f"no domain folder {domain!r} under {root}; "
+            + (f"domains there: {shown}" if found else "the layout is ROOT/DOMAIN/CLASS/IMAGE")
+        )
+    return _scan_tree("folder", root, domain, hold_frac, split_seed)
 
 
 def check_files(images: ImageList, limit: int = 5, *, rows: np.ndarray | None = None) -> None:
@@ -275,7 +463,11 @@ def load_rgb(path: Path | str) -> Image.Image:
         return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
-DATASETS: dict[str, Callable[..., ImageList]] = {"domainnet": load_domainnet}
+DATASETS: dict[str, Callable[..., ImageList]] = {
+    "domainnet": load_domainnet,
+    "officehome": load_officehome,
+    "folder": load_folder,
+}
 
 
 def load_dataset(
