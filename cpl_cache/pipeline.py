@@ -3,6 +3,7 @@
 A grid file (TOML, see `pipelines/table2.toml`) names the domains, the seeds and the methods; each
 method is one line, a name or an inline table of overrides:
 
+    dataset = "domainnet"   # optional: the image layout `reproduce` reads (cpl_cache.datasets)
     domains = ["clipart", "quickdraw"]
     seeds = [0, 1, 2]
     methods = [
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_cache.cache import manifest_identity, read_manifest
+from cpl_cache.datasets import DATASETS
 from cpl_cache.errors import UserError
 
 # TrainConfig fields that a grid may not set: the pipeline itself decides them per cell.
@@ -88,6 +90,7 @@ class Grid:
     methods: tuple[MethodSpec, ...]
     defaults: tuple[tuple[str, Any], ...] = ()
     source: Path | None = None
+    dataset: str | None = None  # the image layout the grid's domains come from; None: not stated
 
     def cells(self) -> list[tuple[str, MethodSpec, int]]:
         """Cells in run order: domain-major, so each domain's cache is loaded once."""
@@ -137,7 +140,7 @@ def parse_grid(
     """Check a grid dict (as read from TOML) and turn it into a Grid; every problem is a UserError."""
     registry = _registry() if registry is None else registry
     allowed = list(_override_keys() if override_keys is None else override_keys)
-    top = ("domains", "seeds", "methods", "cell", "defaults")
+    top = ("dataset", "domains", "seeds", "methods", "cell", "defaults")
     unknown = sorted(set(data) - set(top))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; a grid has {', '.join(top)}")
@@ -145,6 +148,10 @@ def parse_grid(
         if key not in data:
             raise UserError(f"{where}: `{key}` is missing; see pipelines/table2.toml for the layout")
     domains = _str_list(data["domains"], "domains", where)
+    dataset = data.get("dataset")
+    if dataset is not None:
+        if not isinstance(dataset, str) or dataset not in DATASETS:
+            raise UserError(f"{where}: unknown dataset {dataset!r}; use one of {', '.join(sorted(DATASETS))}")
     seeds = _seed_list(data["seeds"], where)
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
@@ -182,6 +189,7 @@ def parse_grid(
         methods=tuple(specs),
         defaults=_overrides(defaults, allowed, f"{where} [defaults]"),
         source=source,
+        dataset=dataset,
     )
 
 
