@@ -196,16 +196,21 @@ def extract_cmd(
 @command("train-weak")
 def train_weak_cmd(
     domain: DomainOpt,
-    data_root: Annotated[Path, typer.Option("--data-root", help="DomainNet folder: images and lists.")],
+    data_root: Annotated[Path, typer.Option("--data-root", help="Dataset root, laid out as --dataset says.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the fine-tuned checkpoint.")],
     model: Annotated[
         str, typer.Option("--model", help="AutoModelForImageClassification hub id or local folder.")
     ] = "microsoft/resnet-18",
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="Layout of --data-root: domainnet, officehome or folder.")
+    ] = "domainnet",
     epochs: Annotated[int, typer.Option(help="Passes over the hold split.")] = 10,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warmup, then cosine to zero).")] = 5e-4,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     device: DeviceOpt = "auto",
-    hold_frac: Annotated[float, typer.Option(help="Share of the test list that is hold.")] = 0.5,
+    hold_frac: Annotated[
+        float, typer.Option(help="Share of hold in the images outside train (DomainNet: the test list).")
+    ] = 0.5,
     split_seed: Annotated[int, typer.Option(help="Seed of the hold/test split.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the new head, batch order and augmentation.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes that decode images.")] = 4,
@@ -216,7 +221,7 @@ def train_weak_cmd(
     from cpl_cache.weak import WeakConfig, train_weak
 
     cfg = WeakConfig(
-        domain=domain, data_root=data_root, out=out, model=model, epochs=epochs, lr=lr,
+        domain=domain, data_root=data_root, out=out, model=model, dataset=dataset, epochs=epochs, lr=lr,
         batch_size=batch_size, device=device, hold_frac=hold_frac, split_seed=split_seed, seed=seed,
         workers=workers, overwrite=overwrite, progress=progress,
     )  # fmt: skip
@@ -388,7 +393,13 @@ def reproduce_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Grid file, e.g. pipelines/table2.toml.")] = Path(
         "pipelines/table2.toml"
     ),
-    data_root: Annotated[Path, typer.Option(help="Dataset root (DomainNet layout).")] = Path("data/domainnet"),
+    data_root: Annotated[Path, typer.Option(help="Dataset root, laid out as --dataset says.")] = Path(
+        "data/domainnet"
+    ),
+    dataset: Annotated[
+        Optional[str],
+        typer.Option(help="domainnet, officehome or folder (default: the grid's `dataset`, else domainnet)."),
+    ] = None,
     strong: Annotated[str, typer.Option(help="CLIP checkpoint id or path.")] = "openai/clip-vit-base-patch32",
     weak_model: Annotated[
         str, typer.Option(help="Image classifier id or path that train-weak fine-tunes per domain.")
@@ -406,7 +417,7 @@ def reproduce_cmd(
 
     cfg = ReproduceConfig(
         pipeline=pipeline, data_root=data_root, strong=strong, weak_model=weak_model, weak_dir=weak_dir,
-        cache_dir=cache_dir, results=results, device=device, seeds=_seeds(seeds),
+        cache_dir=cache_dir, results=results, dataset=dataset, device=device, seeds=_seeds(seeds),
     )  # fmt: skip
     out = reproduce(cfg)
     typer.echo(out["table"])

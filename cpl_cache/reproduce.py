@@ -3,11 +3,13 @@ then every cell of a grid, the table and the training-curve plots. A second run 
 
     cpl-cache reproduce pipelines/table2.toml --data-root data/domainnet \
         --strong openai/clip-vit-base-patch32 --weak-model microsoft/resnet-18
+    cpl-cache reproduce pipelines/table6.toml --data-root data/officehome   # the grid names its dataset
     cpl-cache demo        # the same on synthetic images and tiny models, offline, on the CPU
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_cache.cache import read_manifest
+from cpl_cache.datasets import DATASETS
 from cpl_cache.errors import UserError
 
 
@@ -29,7 +32,7 @@ class ReproduceConfig:
     weak_dir: Path = Path("checkpoints/weak")  # one fine-tuned weak checkpoint per domain below it
     cache_dir: Path = Path("cache")
     results: Path = Path("results")
-    dataset: str = "domainnet"
+    dataset: str | None = None  # None: the grid's `dataset`, else domainnet
     device: str = "auto"
     weak_epochs: int | None = None  # None: train-weak's default
     weak_batch_size: int | None = None
@@ -97,6 +100,12 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     if not Path(cfg.pipeline).is_file():
         raise UserError(f"grid file {cfg.pipeline} not found; pass one such as pipelines/table2.toml")
     grid = load_grid(cfg.pipeline)
+    dataset = cfg.dataset or grid.dataset or "domainnet"
+    if cfg.dataset and grid.dataset and cfg.dataset != grid.dataset:
+        _say(f"cpl-cache: --dataset {cfg.dataset} overrides the grid's dataset {grid.dataset}")
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; use one of {', '.join(sorted(DATASETS))}")
+    cfg = dataclasses.replace(cfg, dataset=dataset)
     did = {"train-weak": [], "extract": [], "cells": 0}
     for domain in grid.domains:
         weak = cfg.weak_dir / domain
