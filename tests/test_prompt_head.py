@@ -170,14 +170,28 @@ def _domain(clip: dict, token_ids, strong: str | None = None) -> CachedDomain:
     return CachedDomain(manifest, None, None, None, None, None, text, 100.0, token_ids=token_ids)
 
 
-def test_build_from_a_cache_reproduces_its_text_embeddings(clip):
-    data = _domain(clip, torch.from_numpy(clip["ids"]))
+def test_build_from_a_cache_on_disk_reproduces_its_text_embeddings(clip, tmp_path):
+    """Token ids stored by `write_text` (padded to 77, as extract does) and read back by `load_domain`."""
+    from cpl_cache.cache import domain_dir, load_domain, read_manifest, write_manifest, write_text
+    from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+
+    cfg = PlantedConfig(n_train=8, n_hold=2, n_test=2, dim=24, classes=len(CLASSES))
+    write_planted_cache(tmp_path, cfg)
+    ddir = domain_dir(tmp_path, cfg.domain)
+    manifest = read_manifest(tmp_path, cfg.domain)
+    manifest["strong"] = {"id": str(clip["path"]), "revision": None}
+    write_manifest(ddir, manifest)
+    prompts = [f"a photo of a {c.replace('_', ' ')}." for c in CLASSES]
+    ids = clip["tok"](prompts, padding="max_length", max_length=77, return_tensors="np")["input_ids"]
+    write_text(ddir, _reference_text(clip).numpy(), prompts, 100.0, token_ids=ids)
+
+    data = load_domain(tmp_path, cfg.domain)
     head = build_prompt_head(data, "cpu")  # prefix length read from the checkpoint's tokenizer
     assert head.n_ctx == clip["prefix_len"]
     with torch.no_grad():
         assert torch.allclose(head.text_features(), data.text_embeds, atol=1e-5)
     head16 = build_prompt_head(data, "cpu", init="random", n_ctx=16, prefix_len=clip["prefix_len"])
-    assert head16.ctx.shape == (16, 32)
+    assert head16.ctx.shape == (16, 32) and [n for n, _ in head16.named_parameters()] == ["ctx"]
 
 
 def test_refusals_name_the_fix(clip, tmp_path):

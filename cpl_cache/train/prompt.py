@@ -225,27 +225,45 @@ def build_prompt_head(
 ) -> PromptHead:
     """The prompt head for a cached domain: its token ids, logit scale and the CLIP it was extracted with.
 
-    `prefix_len` (tokens of "a photo of a") comes from the argument, else the cache, else the
-    checkpoint's own tokenizer, which sits beside the text tower the head loads anyway.
+    `prefix_len` (tokens of "a photo of a") comes from the argument, else the cache's `prefix_len`,
+    else the checkpoint's own tokenizer, which sits beside the text tower the head loads anyway.
     """
-    if data.token_ids is None:
+    if prefix_len is None:
+        prefix_len = getattr(data, "prefix_len", None)
+    return make_prompt_head(
+        str(data.manifest["strong"]["id"]), data.token_ids, data.logit_scale,
+        prefix_len=prefix_len, n_ctx=n_ctx, init=init, device=device, generator=generator,
+    )  # fmt: skip
+
+
+def make_prompt_head(
+    strong_id: str,
+    token_ids: Tensor | np.ndarray | None,
+    logit_scale: float | None,
+    *,
+    prefix_len: int | None = None,
+    n_ctx: int = 16,
+    init: str = "phrase",
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+) -> PromptHead:
+    """The prompt head from the pieces a cache holds (what a heads-registry entry can call)."""
+    if token_ids is None:
         raise UserError(
             "the prompt head needs the class prompts' token ids, which this cache does not hold; "
             "re-run extract with this version to store token ids (or use --head proto or linear)"
         )
-    if data.logit_scale is None:
+    if logit_scale is None:
         raise UserError(
             "the prompt head needs the logit scale from text.h5, which this cache lacks; re-extract"
         )
-    strong_id = str(data.manifest["strong"]["id"])
+    if init not in INITS:
+        raise UserError(f"unknown prompt init {init!r}; choose one of: {', '.join(INITS)}")
+    token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
     tower = load_text_tower(strong_id, device)
     if prefix_len is None:
-        prefix_len = getattr(data, "prefix_len", None)
-    if prefix_len is None:
-        prefix_len = _phrase_length(strong_id, data.token_ids)
-    head = PromptHead(
-        tower, data.token_ids, int(prefix_len), data.logit_scale, n_ctx, init, generator=generator
-    )
+        prefix_len = _phrase_length(strong_id, token_ids)
+    head = PromptHead(tower, token_ids, int(prefix_len), logit_scale, n_ctx, init, generator=generator)
     return head.to(device)
 
 
