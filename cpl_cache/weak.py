@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Iterator
@@ -88,9 +89,10 @@ def check_split_record(weak_dir: Path | str, images: ImageList) -> dict | None:
     if record is None:
         return None
     ours = images.split_record()
+    dataset = "" if images.dataset == "domainnet" else f" --dataset {images.dataset}"
     retrain = (
-        f"retrain with `cpl-cache train-weak --domain {images.domain} --hold-frac {images.hold_frac:g} "
-        f"--split-seed {images.split_seed}`"
+        f"retrain with `cpl-cache train-weak{dataset} --domain {shlex.quote(images.domain)} "
+        f"--hold-frac {images.hold_frac:g} --split-seed {images.split_seed}`"
     )
     if (record["dataset"], record["domain"]) != (ours["dataset"], ours["domain"]):
         raise UserError(

@@ -30,6 +30,7 @@ from cpl_cache.errors import UserError
 from cpl_cache.pipeline import load_grid, parse_grid
 from cpl_cache.report import render_table
 from cpl_cache.reproduce import ReproduceConfig, reproduce
+from cpl_cache.weak import check_split_record
 
 torch.set_num_threads(1)
 
@@ -259,6 +260,9 @@ def test_trees_go_through_extract_train_and_the_table(synth_dir, tmp_path, layou
         )  # fmt: skip
         assert f"weak model for {domain}: test acc" in out
         assert json.loads((weak / "split.json").read_text(encoding="utf-8")) == images.split_record()
+        other = load_dataset(dataset, data, domain, split_seed=1)
+        with pytest.raises(UserError, match="train-weak --dataset officehome --domain 'Real World' --hold"):
+            check_split_record(weak, other)
     else:
         write_resnet(weak, list(images.classes))
 
