@@ -128,6 +128,29 @@ def test_planned_preprocessing_equals_the_processor(name):
         assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", list(_processors()))
+def test_torch_resize_is_within_one_level_of_the_processor(name):
+    """--resize torch: same sizes and crops; every pixel within one level of PIL's."""
+    proc = _processors()[name]
+    exact, fast = plan_for(proc), plan_for(proc, "torch")
+    assert fast.backend == "torch" and fast.describe() != exact.describe()
+    rng = np.random.default_rng(1)
+    for h, w in [(300, 410), (411, 301), (64, 64), (17, 90)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a, b = exact.apply(img).astype(int), fast.apply(img).astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_torch_resize_extract_is_close_to_the_exact_one(synth_dir, tmp_path):
+    run_extract(_cfg(synth_dir, tmp_path / "exact", "painting"))
+    run_extract(_cfg(synth_dir, tmp_path / "fast", "painting", resize="torch", workers=1))
+    exact, fast = load_domain(tmp_path / "exact", "painting"), load_domain(tmp_path / "fast", "painting")
+    assert fast.manifest["preprocessing"]["strong"]["backend"] == "torch"
+    assert torch.equal(exact.index, fast.index)
+    assert (exact.image_embeds.float() - fast.image_embeds.float()).abs().max() <= 2e-2
+    assert (exact.weak_logits - fast.weak_logits).abs().max() <= 2e-2
+
+
 def test_unknown_processor_falls_back_to_calling_it():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 

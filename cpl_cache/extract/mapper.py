@@ -198,5 +198,5 @@ class Mapper:
         return torch.cat(out).numpy(), scale, enc["input_ids"].numpy()
 
 
-def plans_for(strong_processor: Any, weak_processor: Any) -> tuple[ImagePlan, ImagePlan]:
-    return plan_for(strong_processor), plan_for(weak_processor)
+def plans_for(strong_processor: Any, weak_processor: Any, resize: str = "pil") -> tuple[ImagePlan, ImagePlan]:
+    return plan_for(strong_processor, resize), plan_for(weak_processor, resize)

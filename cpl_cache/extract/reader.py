@@ -47,6 +47,8 @@ class ImagePlan:
     `mode` "uint8": workers return (n, H, W, 3) uint8 and the device computes
     `(x * scale - mean) / std`, exactly the transformers PIL backend's arithmetic.
     `mode` "processor": workers call the processor itself and return (n, 3, H, W) float32.
+    `backend` "pil" resizes with PIL, bit for bit the processor's pixels; "torch" downscales with
+    torch's antialiased uint8 kernels, 3-4x faster, pixels within one level of PIL's.
     """
 
     mode: str
@@ -57,6 +59,16 @@ class ImagePlan:
     scale: float = 1.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    backend: str = "pil"
+
+    @property
+    def out_size(self) -> tuple[int, int] | None:
+        """(H, W) of every output, when the plan fixes it (a crop or a fixed-size resize)."""
+        if self.mode != "uint8":
+            return None
+        if self.crop is not None:
+            return self.crop
+        return (self.resize[1], self.resize[2]) if self.resize else None
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records: enough to tell two preprocessings apart."""
@@ -69,10 +81,14 @@ class ImagePlan:
             "mean": list(self.mean),
             "std": list(self.std),
             "mode": self.mode,
+            "backend": self.backend,
         }
 
-    def apply(self, img: Any) -> np.ndarray:
-        """The pixels of one RGB PIL image: (H, W, 3) uint8 in "uint8" mode."""
+    def apply(self, img: Any, full: np.ndarray | None = None) -> np.ndarray:
+        """The pixels of one RGB PIL image: (H, W, 3) uint8 in "uint8" mode.
+
+        `full` is `np.asarray(img)` when the caller already has it (one copy out of PIL per image).
+        """
         if self.resize is not None:
             kind, a, b = self.resize
             w, h = img.size
@@ -82,12 +98,32 @@ class ImagePlan:
                 size = (a, new_long) if w <= h else (new_long, a)
             else:
                 size = (b, a)
-            if size != img.size:
-                img = img.resize(size, resample=self.resample)
-        arr = np.asarray(img)
+            if size != img.size and self.backend == "torch" and size[0] <= w and size[1] <= h:
+                # Downscaling only: torch's upscaling kernel is not PIL's (a=-0.75, not -0.5).
+                arr = _torch_resize(np.asarray(img) if full is None else full, size, self.resample)
+            elif size != img.size:
+                arr = np.asarray(img.resize(size, resample=self.resample))
+            else:
+                arr = np.asarray(img) if full is None else full
+        else:
+            arr = np.asarray(img) if full is None else full
         if self.crop is not None:
             arr = _center_crop(arr, *self.crop)
         return arr
+
+
+def _torch_resize(arr: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """Antialiased resize of an (H, W, 3) uint8 image to (W, H) = size with torch's uint8 CPU kernels."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # read-only view of the decoded pixels; nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # NCHW view, channels-last strides
+    mode = "bicubic" if resample == 3 else "bilinear"
+    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode=mode, antialias=True)
+    return y[0].permute(1, 2, 0).numpy()
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
@@ -104,8 +140,14 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
     return out[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
 
 
-def plan_for(processor: Any) -> ImagePlan:
-    """The plan that reproduces `processor(images=img)` for the processors we know, else a call to it."""
+RESIZE_BACKENDS = ("pil", "torch")
+
+
+def plan_for(processor: Any, resize_backend: str = "pil") -> ImagePlan:
+    """The plan that reproduces `processor(images=img)` for the processors we know, else a call to it.
+
+    `resize_backend` "torch" applies to bilinear and bicubic resizes; others stay with PIL.
+    """
     name = _base_name(processor)
     fallback = ImagePlan(mode="processor", processor_class=name)
     if name not in _PLANNED | _CROP_PCT or getattr(processor, "do_pad", False):
@@ -142,7 +184,8 @@ def plan_for(processor: Any) -> ImagePlan:
         m, s = processor.image_mean, processor.image_std
         mean = tuple(float(x) for x in (m if isinstance(m, Sequence) else [m] * 3))
         std = tuple(float(x) for x in (s if isinstance(s, Sequence) else [s] * 3))
-    return ImagePlan("uint8", name, resize, crop, resample, scale, mean, std)  # type: ignore[arg-type]
+    backend = "torch" if resize_backend == "torch" and resample in (2, 3) else "pil"
+    return ImagePlan("uint8", name, resize, crop, resample, scale, mean, std, backend)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ rows and batches
@@ -202,6 +245,7 @@ class DecodedBatches:
         self.processors = tuple(
             p if plan.mode == "processor" else None for p, plan in zip(processors, plans, strict=True)
         )
+        self._needs_array = sum(plan.backend == "torch" for plan in self.plans) > 1
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -209,10 +253,11 @@ class DecodedBatches:
     def decode(self, row: int) -> list[np.ndarray]:
         """Every plan's pixels for one row, from one decode of the file."""
         img = load_rgb(self.root / self.paths[row])
+        full = np.asarray(img) if self._needs_array else None
         out = []
         for plan, proc in zip(self.plans, self.processors, strict=True):
             if plan.mode == "uint8":
-                out.append(plan.apply(img))
+                out.append(plan.apply(img, full))
             else:
                 out.append(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0], np.float32))
         return out
@@ -221,8 +266,15 @@ class DecodedBatches:
         import torch
 
         spec = self.specs[b]
+        n = spec.stop - spec.start
+        # Fixed-size outputs are written in place into shared memory: no stacking copy, and no copy
+        # when the batch crosses to the main process.
+        outs = [
+            torch.empty((n, *plan.out_size, 3), dtype=torch.uint8).share_memory_() if plan.out_size else None
+            for plan in self.plans
+        ]
+        lists: list[list[np.ndarray]] = [[] for _ in self.plans]
         rows: list[int] = []
-        pixels: list[list[np.ndarray]] = [[] for _ in self.plans]
         failed: list[tuple[int, str]] = []
         for row in range(spec.start, spec.stop):
             if row in self.known_bad:
@@ -233,10 +285,17 @@ class DecodedBatches:
             except Exception as err:  # noqa: BLE001 - every decode failure becomes a marker, never a raise
                 failed.append((row, _describe_error(err)))
                 continue
+            for out, store, arr in zip(outs, lists, arrays, strict=True):
+                if out is not None:
+                    out[len(rows)].numpy()[...] = arr
+                else:
+                    store.append(arr)
             rows.append(row)
-            for store, arr in zip(pixels, arrays, strict=True):
-                store.append(arr)
-        stacked = [torch.from_numpy(np.stack(store)) if store else None for store in pixels]
+        k = len(rows)
+        stacked = [
+            (out[:k] if out is not None else torch.from_numpy(np.stack(store))) if k else None
+            for out, store in zip(outs, lists, strict=True)
+        ]
         return {
             "shard": spec.shard,
             "last": spec.last,

@@ -23,6 +23,7 @@ import numpy as np
 
 from cpl_cache.cache import SPLIT_CODES, domain_dir, new_manifest, read_manifest, write_text
 from cpl_cache.errors import UserError
+from cpl_cache.extract.reader import RESIZE_BACKENDS
 
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -44,6 +45,7 @@ class ExtractConfig:
     hold_frac: float = 0.5
     split_seed: int = 0
     on_bad_image: str = "error"
+    resize: str = "pil"  # "torch": faster resizes within one intensity level of the processor's
     overwrite: bool = False
     progress: bool = True
 
@@ -52,6 +54,8 @@ class ExtractConfig:
             raise UserError(
                 f"--on-bad-image must be one of {', '.join(ON_BAD_IMAGE)}, got {self.on_bad_image!r}"
             )
+        if self.resize not in RESIZE_BACKENDS:
+            raise UserError(f"--resize must be one of {', '.join(RESIZE_BACKENDS)}, got {self.resize!r}")
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -148,18 +152,15 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     weak_cfg = mapper.load_config("weak", cfg.weak)
     mapper.check_weak_classes(weak_cfg, images.classes, cfg.weak, cfg.domain)
     if Path(cfg.weak).is_dir():
-        try:  # TEMP until weak.py lands
-            from cpl_cache.weak import check_split_record
-        except ModuleNotFoundError:
-            check_split_record = None
-        if check_split_record is not None:
-            check_split_record(Path(cfg.weak), images)
+        from cpl_cache.weak import check_split_record
+
+        check_split_record(Path(cfg.weak), images)
 
     processors = (
         mapper.load_image_processor("strong", cfg.strong),
         mapper.load_image_processor("weak", cfg.weak),
     )
-    plans = mapper.plans_for(*processors)
+    plans = mapper.plans_for(*processors, resize=cfg.resize)
     device = _device(cfg.device, dist)
 
     dim, k = int(strong_cfg.projection_dim), len(images.classes)
@@ -198,7 +199,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     dataset = reader.DecodedBatches(images, specs, plans, processors, known_bad)
     batches = iter(reader.loader(dataset, workers, device)) if specs else iter(())
 
-    if device.startswith("cuda"):
+    if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
     models = mapper.Mapper(cfg.strong, cfg.weak, plans, device)
     if dist.rank == 0 and (not (ddir / "text.h5").is_file() or not done):
@@ -227,6 +228,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
         desc = f"extract {cfg.domain}" + (f" (rank 0 of {dist.world})" if dist.world > 1 else "")
         bar = tqdm(total=n_todo, desc=desc, unit="img", unit_scale=True, smoothing=0.1, file=sys.stderr)
     t_loop = time.perf_counter()
+    timeline: list[tuple[float, int]] = []  # (seconds into the loop, rows done) after each batch
     try:
         for batch in batches:
             for row, reason in batch["failed"]:
@@ -244,6 +246,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
                 sink.close_shard(batch["shard"])
             n = batch["stop"] - batch["start"]
             rows_done += n
+            timeline.append((time.perf_counter() - t_loop, rows_done))
             if bar is not None:
                 bar.update(n)
     finally:
@@ -263,7 +266,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     if dist.rank != 0:
         manifest = read_manifest(cfg.cache_dir, cfg.domain)
     summary = _summary(manifest, ddir, rows_done, time.perf_counter() - t0, device)
-    summary["loop_seconds"] = loop_s
+    summary.update(loop_seconds=loop_s, write_seconds=sink.write_seconds, timeline=timeline)
     return summary
 
 

@@ -10,6 +10,7 @@ and skips the recorded ones, so the finished cache holds exactly the rows of an 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,7 @@ class ShardSink:
         # Shards are cut at fixed ranges, never by count, so the writer's own cut is set out of reach.
         self.writer = ShardWriter(ddir, dim, num_classes, shard_size=2**62, prefix=self.prefix)
         self.skipped: list[dict[str, Any]] = []
+        self.write_seconds = 0.0  # buffering, shard files and manifest updates (the benchmark reports it)
         self.progress: dict[str, Any] = {"rank": rank, "world_size": world, "shards": [], "skipped": []}
         if world > 1:
             path = progress_path(ddir, rank)
@@ -166,6 +168,7 @@ class ShardSink:
 
     def add(self, shard: int, rows: np.ndarray, embeds: np.ndarray, logits: np.ndarray) -> None:
         if len(rows):
+            t = time.perf_counter()
             self.writer.add(
                 image_embeds=embeds,
                 weak_logits=logits,
@@ -174,12 +177,14 @@ class ShardSink:
                 index=rows,
                 paths=[self.paths[r] for r in rows],
             )
+            self.write_seconds += time.perf_counter() - t
 
     def skip(self, row: int, reason: str) -> None:
         self.skipped.append({"path": self.paths[row], "index": int(row), "reason": reason})
 
     def close_shard(self, number: int) -> dict[str, Any]:
         """Write shard `number` (maybe short, or empty if every image in it was skipped) and record it."""
+        t = time.perf_counter()
         self.writer.next_shard = number
         entry = self.writer.flush()
         if entry is None:
@@ -204,6 +209,7 @@ class ShardSink:
             self.progress["shards"].append(entry)
             self.progress["skipped"].extend(skipped)
             atomic_write_text(progress_path(self.ddir, self.rank), json.dumps(self.progress, indent=1) + "\n")
+        self.write_seconds += time.perf_counter() - t
         return entry
 
 
