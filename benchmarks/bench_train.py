@@ -1,0 +1,292 @@
+"""Stage-two benchmark: every method from a planted cache, side by side with a reference training loop.
+
+    python benchmarks/bench_train.py                          # table and grid, CPU (+ CUDA)
+    python benchmarks/bench_train.py --grid skip --scale 0.1  # a quick look
+    taskset -c 0,1 python benchmarks/bench_train.py --threads 2 --devices cpu   # a 2-core CPU
+
+Parts, each timed in the same run:
+- table: a planted quickdraw-size cache (120,750 train, 25,875 test, 512-d, 345 classes); seconds,
+  epochs and test accuracy of every method, and of a reference loop written the common way (public
+  weak-to-strong code: a DataLoader over a TensorDataset, batch 100, Adam lr 1e-3, cosine schedule,
+  10 epochs, soft weak labels). Goal: `naive-lp` (the same head and loss) reaches the reference's test
+  accuracy (within 0.5 points) in at most a fifth of its time.
+- epoch: one epoch of the trainer's loop (no evaluation) against the same epoch's matrix products
+  alone (forward and weight gradient on contiguous batches). Goal: at most 1.5 times.
+- grid: six planted domains at DomainNet sizes (train list; half the test list as test, the other
+  half as hold), every method, one seed, each domain loaded once as the pipeline does. Goal: within
+  10 minutes on a 2-core CPU. On CUDA: one `cpl` run on quickdraw within 1 second.
+
+Writes bench-results/train.json (or --json). Planted caches are kept under bench-out/ and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cpl_cache.cache import load_domain, read_manifest
+from cpl_cache.errors import UserError
+from cpl_cache.methods import METHODS
+from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+from cpl_cache.train.heads import get_head
+from cpl_cache.train.losses import get_loss
+from cpl_cache.train.trainer import TrainConfig, fit, resolve, run_training
+
+# DomainNet list sizes: (train list, test list). Test rows are half the test list, hold the other half.
+DOMAINNET = {
+    "clipart": (33525, 14604),
+    "infograph": (36023, 15582),
+    "painting": (50416, 21850),
+    "quickdraw": (120750, 51750),
+    "real": (120906, 52041),
+    "sketch": (48212, 20916),
+}
+REFERENCE = dict(batch_size=100, lr=1e-3, epochs=10)
+
+
+def planted(root: Path, domain: str, scale: float) -> Path:
+    """A planted cache of `domain` at DomainNet size times `scale`, written once and reused."""
+    n_train, n_test_list = DOMAINNET[domain]
+    n_test = n_test_list // 2
+    cfg = PlantedConfig(
+        domain=domain, n_train=max(1, round(n_train * scale)), n_test=max(1, round(n_test * scale)),
+        n_hold=max(1, round((n_test_list - n_test) * scale)), dim=512, classes=345,
+        seed=list(DOMAINNET).index(domain),
+    )  # fmt: skip
+    cache = root / f"scale{scale:g}"
+    try:
+        m = read_manifest(cache, domain)
+        same = m.get("planted", {}) == {k: v for k, v in cfg.__dict__.items() if k != "domain"}
+    except UserError:
+        same = False
+    if not same:
+        t = time.perf_counter()
+        write_planted_cache(cache, cfg, overwrite=True)
+        print(
+            f"  wrote planted {domain} ({cfg.n_train} train, {cfg.n_test} test) "
+            f"in {time.perf_counter() - t:.0f}s"
+        )
+    return cache
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reference_loop(data, device: str, seed: int = 0) -> dict:
+    """The common way (openai/weak-to-strong's `train_logreg`): DataLoader, nn.Linear, Adam, cosine
+    schedule per step, cross-entropy to the weak model's softmax."""
+    torch.manual_seed(seed)
+    train, test = data.rows("train"), data.rows("test")
+    x_train = data.image_embeds[train].float()
+    y_train = torch.softmax(data.weak_logits[train], dim=1)
+    ds = torch.utils.data.TensorDataset(x_train, y_train)
+    model = torch.nn.Linear(x_train.shape[1], data.num_classes).to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=REFERENCE["lr"])
+    n_batches = math.ceil(len(ds) / REFERENCE["batch_size"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=REFERENCE["epochs"] * n_batches)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(REFERENCE["epochs"]):
+        for x, y in torch.utils.data.DataLoader(ds, batch_size=REFERENCE["batch_size"], shuffle=True):
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        pred = model(data.image_embeds[test].float().to(device)).argmax(1).cpu()
+    sync(device)
+    acc = (pred == data.labels[test]).float().mean().item()
+    return {"seconds": time.perf_counter() - t0, "epochs": REFERENCE["epochs"], "test_acc": acc}
+
+
+def epoch_cost(data, method: str, device: str, repeats: int) -> dict:
+    """Seconds of one epoch of `fit` (no evaluation) and of its matrix products alone; best of `repeats`."""
+    _, hp, _ = resolve(TrainConfig(method=method, domain="-", cache_dir=Path("-"), epochs=1))
+    train = data.rows("train")
+    x = F.normalize(data.image_embeds[train].float(), dim=1).to(device)
+    t = data.weak_logits[train].to(device)
+    n, bs, K = len(x), min(hp.batch_size, len(x)), data.num_classes
+    w, b, g = (
+        torch.randn(K, x.shape[1], device=device),
+        torch.zeros(K, device=device),
+        torch.randn(bs, K, device=device),
+    )
+    fit_s, mm_s = [], []
+    for r in range(repeats):
+        gen = torch.Generator().manual_seed(r)
+        head = get_head(hp.head)(data, gen).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        fit(head, get_loss(hp.loss), x, t, hp, gen)
+        sync(device)
+        fit_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(0, n, bs):
+            xb = x[i : i + bs]
+            torch.addmm(b, xb, w.T) if hp.head == "linear" else xb @ w.T
+            g[: len(xb)].T @ xb
+        sync(device)
+        mm_s.append(time.perf_counter() - t0)
+    return {"method": method, "epoch_s": min(fit_s), "matmul_s": min(mm_s), "ratio": min(fit_s) / min(mm_s)}
+
+
+def quickdraw_table(root: Path, scale: float, device: str, out: Path, epoch_repeats: int) -> dict:
+    cache = planted(root, "quickdraw", scale)
+    data = load_domain(cache, "quickdraw")
+    print(
+        f"\n[{device}] quickdraw planted: {len(data.rows('train'))} train, {len(data.rows('test'))} test rows"
+    )
+    rows = []
+    runs = {}
+    for name in METHODS:
+        rec = run_training(
+            TrainConfig(method=name, domain="quickdraw", cache_dir=cache, out=out, device=device), data
+        )
+        runs[name] = rec
+        epochs = rec["hparams"]["epochs"] if rec["curve"] else 0
+        rows.append(
+            {
+                "method": name,
+                "seconds": rec["seconds"],
+                "epochs": epochs,
+                "test_acc": rec["metrics"]["test_acc"],
+            }
+        )
+    ref = reference_loop(data, device)
+    rows.append({"method": "reference (DataLoader, bs 100, Adam 1e-3)", **ref})
+    print(f"{'method':<44}{'seconds':>9}{'epochs':>8}{'test acc':>10}")
+    for r in rows:
+        print(f"{r['method']:<44}{r['seconds']:>9.2f}{r['epochs']:>8}{100 * r['test_acc']:>9.2f}%")
+    naive = runs["naive-lp"]
+    goal_ref = {
+        "naive_lp_test_acc": naive["metrics"]["test_acc"],
+        "reference_test_acc": ref["test_acc"],
+        "time_ratio": naive["seconds"] / ref["seconds"],
+        "met": naive["metrics"]["test_acc"] >= ref["test_acc"] - 0.005
+        and naive["seconds"] <= ref["seconds"] / 5,
+    }
+    print(
+        f"naive-lp vs reference: {100 * goal_ref['naive_lp_test_acc']:.2f}% vs {100 * ref['test_acc']:.2f}% "
+        f"in {goal_ref['time_ratio']:.3f}x the time (goal: within 0.5 points, <= 0.2x) -> "
+        f"{'met' if goal_ref['met'] else 'NOT met'}"
+    )
+    epochs = [epoch_cost(data, m, device, epoch_repeats) for m, spec in METHODS.items() if spec.trains]
+    print(f"{'method':<14}{'epoch s':>9}{'matmul s':>10}{'ratio':>7}   (goal: <= 1.5)")
+    for e in epochs:
+        print(f"{e['method']:<14}{e['epoch_s']:>9.3f}{e['matmul_s']:>10.3f}{e['ratio']:>7.2f}")
+    result = {"rows": rows, "naive_lp_vs_reference": goal_ref, "epoch_cost": epochs}
+    if device.startswith("cuda"):
+        cpl = [
+            run_training(TrainConfig("cpl", "quickdraw", cache, out=out, device=device), data)["seconds"]
+            for _ in range(3)
+        ]
+        result["cpl_seconds"] = {"runs": cpl, "best": min(cpl), "met": min(cpl) <= 1.0}
+        print(f"one cpl run on {device}: {min(cpl):.3f}s (best of 3; goal <= 1 s)")
+    return result
+
+
+def grid(root: Path, scale: float, device: str, out: Path) -> dict:
+    """Every method on six planted domains, one seed, each domain loaded once (as the pipeline does)."""
+    caches = {d: planted(root, d, scale) for d in DOMAINNET}  # written before the clock starts
+    print(f"\n[{device}] grid: {len(DOMAINNET)} domains x {len(METHODS)} methods, one seed")
+    t0 = time.perf_counter()
+    per_domain = {}
+    for domain, cache in caches.items():
+        t = time.perf_counter()
+        data = load_domain(cache, domain)
+        acc = {}
+        for name in METHODS:
+            rec = run_training(
+                TrainConfig(method=name, domain=domain, cache_dir=cache, out=out, device=device), data
+            )
+            acc[name] = rec["metrics"]["test_acc"]
+        per_domain[domain] = {
+            "seconds": time.perf_counter() - t,
+            "train_rows": len(data.rows("train")),
+            "test_acc": acc,
+        }
+        print(
+            f"  {domain:<10} {per_domain[domain]['seconds']:7.1f}s  "
+            + " ".join(f"{k} {100 * v:.1f}" for k, v in acc.items())
+        )
+        del data
+    total = time.perf_counter() - t0
+    print(f"grid total: {total:.1f}s (goal on a 2-core CPU: <= 600 s)")
+    return {"seconds": total, "goal_s": 600, "met": total <= 600, "domains": per_domain}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--devices", default="auto", help="comma list: cpu, cuda; auto = cpu plus cuda when present"
+    )
+    ap.add_argument("--parts", default="table,grid", help="comma list of: table, grid")
+    ap.add_argument(
+        "--grid", choices=["full", "small", "skip"], default="full", help="small = a tenth of each size"
+    )
+    ap.add_argument(
+        "--grid-devices", default="cpu", help="devices the grid runs on (its goal is for a 2-core CPU)"
+    )
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every size (e.g. 0.1 for a quick look)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--epoch-repeats", type=int, default=2)
+    ap.add_argument(
+        "--root", type=Path, default=Path("bench-out/train"), help="where planted caches are kept"
+    )
+    ap.add_argument("--json", type=Path, default=Path("bench-results/train.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.devices == "auto"
+        else args.devices.split(",")
+    )
+    parts = args.parts.split(",")
+    report = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "scale": args.scale,
+        "table": {},
+        "grid": {},
+    }  # fmt: skip
+    print(f"machine: {report['machine']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if "table" in parts:
+            for device in devices:
+                report["table"][device] = quickdraw_table(
+                    args.root, args.scale, device, out, args.epoch_repeats
+                )
+        if "grid" in parts and args.grid != "skip":
+            scale = args.scale * (0.1 if args.grid == "small" else 1.0)
+            for device in args.grid_devices.split(","):
+                if device in devices:
+                    report["grid"][device] = grid(args.root, scale, device, out) | {"scale": scale}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
