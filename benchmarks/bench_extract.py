@@ -141,7 +141,7 @@ def steady_rate(timeline: list[tuple[float, int]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=1536)
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--unique", type=int, default=256, help="distinct JPEGs (files repeat them)")
     ap.add_argument("--min-size", type=int, default=300)
     ap.add_argument("--max-size", type=int, default=600)

@@ -267,3 +267,92 @@ def test_cache_of_another_model_is_refused_and_overwrite_starts_over(synth_dir, 
     # The same command again finds the cache complete and leaves it as it is.
     res = _extract_cli(synth_dir, synth_dir / "domainnet", cache, "--strong", str(other))
     assert res.exit_code == 0 and "0 new" in res.output
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+def _sink(ddir: Path, manifest: dict, rank: int, world: int, ranges: dict):
+    from cpl_cache.extract.writer import ShardSink
+
+    n = 8
+    return ShardSink(
+        ddir, manifest, rank=rank, world=world, ranges=ranges, dim=2, num_classes=3,
+        labels=np.arange(n) % 3, split=np.zeros(n, np.uint8), paths=tuple(f"d/c/{i}.jpg" for i in range(n)),
+    )  # fmt: skip
+
+
+def _fake_rows(rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = np.asarray(rows, np.int64)
+    return r, np.tile(r[:, None], (1, 2)).astype(np.float16), np.tile(r[:, None], (1, 3)).astype(np.float32)
+
+
+def test_ranks_record_progress_and_rank_zero_lists_every_shard_once_all_are_done(tmp_path):
+    """Two ranks of 8 rows, shards of 2: each rank's progress file, then one manifest in index order."""
+    from cpl_cache.cache import new_manifest
+    from cpl_cache.errors import UserError
+    from cpl_cache.extract.writer import done_shards, finish, open_cache
+
+    ddir = tmp_path / "d"
+    fresh = new_manifest(
+        domain="d", classes=["a", "b", "c"], dim=2, strong={"id": "s"}, weak={"id": "w"},
+        split={}, counts={"train": 8}, layout={"world_size": 2, "shard_size": 2},
+    )  # fmt: skip
+    manifest = open_cache(ddir, fresh, overwrite=False, is_writer=True)
+    expected = {0: 2, 1: 2}
+    for rank in (1, 0):
+        start, stop = rank_share(8, rank, 2)
+        ranges = dict(enumerate(shard_ranges(start, stop, 2)))
+        sink = _sink(ddir, manifest, rank, 2, ranges)
+        for number, (a, b) in ranges.items():
+            if rank == 0 and number == 1:
+                break  # rank 0 "crashes" before its last shard
+            rows = [r for r in range(a, b) if r != 5]  # row 5 fails to decode
+            sink.add(number, *_fake_rows(rows))
+            if 5 in range(a, b):
+                sink.skip(5, "OSError: broken data stream")
+            sink.close_shard(number)
+    assert not json.loads((ddir / "manifest.json").read_text())["shards"]  # only progress files so far
+    with pytest.raises(UserError, match="rank 0 finished 1 of 2 shards"):
+        finish(ddir, json.loads((ddir / "manifest.json").read_text()), 2, expected)
+    # The rerun: rank 0 finds its one finished shard and writes the other.
+    manifest = open_cache(ddir, fresh, overwrite=False, is_writer=True)
+    assert list(done_shards(ddir, manifest, 0, 2)) == [0] and list(done_shards(ddir, manifest, 1, 2)) == [
+        0,
+        1,
+    ]
+    sink = _sink(ddir, manifest, 0, 2, {0: (0, 2), 1: (2, 4)})
+    sink.add(1, *_fake_rows([2, 3]))
+    sink.close_shard(1)
+    m = finish(ddir, manifest, 2, expected)
+    assert [s["file"] for s in m["shards"]] == [f"shard-r0{r}-0000{i}.h5" for r in (0, 1) for i in (0, 1)]
+    assert m["complete"] and m["rows"] == 7 and [s["index"] for s in m["skipped"]] == [5]
+    assert not list(ddir.glob("progress-*"))
+    got = load_domain(tmp_path, "d", with_text=False)
+    assert got.index.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert got.image_embeds[:, 0].tolist() == [0, 1, 2, 3, 4, 6, 7]
+
+
+def test_an_unfinished_cache_resumes_only_with_its_layout_unless_nothing_was_done(tmp_path):
+    from cpl_cache.cache import new_manifest
+    from cpl_cache.errors import UserError
+    from cpl_cache.extract.writer import open_cache
+
+    def fresh(shard_size):
+        return new_manifest(
+            domain="d", classes=["a"], dim=2, strong={"id": "s"}, weak={"id": "w"}, split={},
+            counts={"train": 8}, layout={"world_size": 1, "shard_size": shard_size},
+        )  # fmt: skip
+
+    ddir = tmp_path / "d"
+    open_cache(ddir, fresh(4), overwrite=False, is_writer=True)
+    assert open_cache(ddir, fresh(2), overwrite=False, is_writer=True)["layout"]["shard_size"] == 2
+    m = json.loads((ddir / "manifest.json").read_text())
+    m["shards"] = [{"file": "shard-00000.h5", "rows": 2, "number": 0, "rank": 0}]
+    (ddir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="--shard-size 2; resume it with the same"):
+        open_cache(ddir, fresh(4), overwrite=False, is_writer=True)
+    other = fresh(2) | {"weak": {"id": "w2"}}
+    with pytest.raises(UserError, match="another weak model.*--overwrite"):
+        open_cache(ddir, other, overwrite=False, is_writer=True)
+    assert open_cache(ddir, other, overwrite=True, is_writer=True)["shards"] == []

@@ -313,7 +313,7 @@ def loader(dataset: DecodedBatches, workers: int, device: str):
 
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
+        kwargs = {"prefetch_factor": 2}  # 2 batches a worker: enough to hide a slow file, bounded shm
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,

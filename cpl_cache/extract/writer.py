@@ -108,6 +108,10 @@ def open_cache(ddir: Path, fresh: dict[str, Any], *, overwrite: bool, is_writer:
                 "or another --cache-dir"
             )
         layout, was = fresh["layout"], old.get("layout")
+        started = old.get("shards") or any(ddir.glob("progress-r*.json"))
+        if layout != was and not old.get("complete") and not started and is_writer:
+            write_manifest(ddir, fresh)  # nothing done yet: the new layout costs nothing
+            return fresh
         if layout != was and not old.get("complete"):
             raise UserError(
                 f"{ddir} holds an unfinished extraction made with {(was or {}).get('world_size')} "
