@@ -150,6 +150,11 @@ def quickdraw_table(root: Path, scale: float, device: str, out: Path, epoch_repe
     print(
         f"\n[{device}] quickdraw planted: {len(data.rows('train'))} train, {len(data.rows('test'))} test rows"
     )
+    # Once per process, torch.optim imports torch._dynamo (seconds) and CUDA builds its handles: a
+    # throwaway run keeps that out of the first method's time.
+    run_training(
+        TrainConfig(method="cpl", domain="quickdraw", cache_dir=cache, out=out, device=device, epochs=1), data
+    )
     rows = []
     runs = {}
     for name in METHODS:
@@ -229,6 +234,24 @@ def grid(root: Path, scale: float, device: str, out: Path) -> dict:
     return {"seconds": total, "goal_s": 600, "met": total <= 600, "domains": per_domain}
 
 
+def goals(report: dict) -> dict:
+    """Each goal of the issue with its measured number and whether it is met."""
+    out = {}
+    for device, t in report["table"].items():
+        out[f"naive_lp_vs_reference_{device}"] = t["naive_lp_vs_reference"]
+        worst = max(t["epoch_cost"], key=lambda e: e["ratio"])
+        out[f"epoch_over_matmul_{device}"] = {
+            "naive_lp": next(e["ratio"] for e in t["epoch_cost"] if e["method"] == "naive-lp"),
+            "worst": [worst["method"], worst["ratio"]],
+            "met": worst["ratio"] <= 1.5 if device == "cpu" else None,  # a GPU step is launch-bound
+        }
+        if "cpl_seconds" in t:
+            out["cpl_run_cuda_s"] = t["cpl_seconds"]
+    for device, g in report["grid"].items():
+        out[f"grid_{device}_s"] = {"seconds": g["seconds"], "scale": g["scale"], "met": g["met"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -283,6 +306,8 @@ def main() -> None:
             for device in args.grid_devices.split(","):
                 if device in devices:
                     report["grid"][device] = grid(args.root, scale, device, out) | {"scale": scale}
+    report["goals"] = goals(report)
+    print(f"goals: {json.dumps(report['goals'])}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {args.json}")
