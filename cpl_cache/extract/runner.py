@@ -96,6 +96,16 @@ class Dist:
         if self._pg is not None:
             self._pg.barrier()
 
+    def total(self, value: int) -> int:
+        """Sum of `value` over the ranks (the rows each rank extracted, for the summary line)."""
+        if self._pg is None:
+            return value
+        import torch
+
+        t = torch.tensor([value], dtype=torch.int64)
+        self._pg.all_reduce(t)
+        return int(t.item())
+
     def close(self) -> None:
         if self._pg is not None and self._pg.is_initialized():
             self._pg.destroy_process_group()
@@ -265,7 +275,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     dist.barrier()
     if dist.rank != 0:
         manifest = read_manifest(cfg.cache_dir, cfg.domain)
-    summary = _summary(manifest, ddir, rows_done, time.perf_counter() - t0, device)
+    summary = _summary(manifest, ddir, dist.total(rows_done), time.perf_counter() - t0, device)
     summary.update(loop_seconds=loop_s, write_seconds=sink.write_seconds, timeline=timeline)
     return summary
 
