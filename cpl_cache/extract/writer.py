@@ -58,10 +58,11 @@ def clear_domain(ddir: Path) -> int:
     return removed
 
 
-def remove_temporaries(ddir: Path, prefix: str) -> None:
-    """Half-written shards of a killed run (their names never appear in a manifest)."""
-    for p in ddir.glob(f".{prefix}-*.h5.tmp-*"):
-        p.unlink(missing_ok=True)
+def remove_temporaries(ddir: Path, patterns: tuple[str, ...]) -> None:
+    """Half-written files of a killed run (temporary names, never listed anywhere)."""
+    for pattern in patterns:
+        for p in ddir.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def _same_model(a: Any, b: Any) -> bool:
@@ -94,6 +95,8 @@ def open_cache(ddir: Path, fresh: dict[str, Any], *, overwrite: bool, is_writer:
     path = ddir / MANIFEST
     if overwrite and is_writer:
         clear_domain(ddir)
+    if is_writer:
+        remove_temporaries(ddir, (f".{MANIFEST}.tmp-*", f".{TEXT_FILE}.tmp-*"))
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
@@ -168,7 +171,7 @@ class ShardSink:
             path = progress_path(ddir, rank)
             if path.is_file():
                 self.progress = json.loads(path.read_text(encoding="utf-8"))
-        remove_temporaries(ddir, self.prefix)
+        remove_temporaries(ddir, (f".{self.prefix}-*.h5.tmp-*", f".{progress_path(ddir, rank).name}.tmp-*"))
 
     def add(self, shard: int, rows: np.ndarray, embeds: np.ndarray, logits: np.ndarray) -> None:
         if len(rows):
