@@ -276,8 +276,7 @@ def train_cmd(
 ) -> None:
     """Stage two: train a head on the cached embeddings and write the results JSON.
 
-    Overrides that differ from the method's defaults are appended to the recorded name
-    (e.g. `cpl+loss=soft`), so an ablation never overwrites the plain method's results.
+    Overrides that differ from the method's defaults join the run's name (e.g. cpl+loss=soft).
     """
     from cpl_cache.train.trainer import TrainConfig, run_training
 
