@@ -258,6 +258,7 @@ def main() -> None:
         "forward_img_s": round(forward_rate, 1),
         "whole_extract_img_s": round(whole_rate, 1),
         "whole_over_slower_part": round(whole_rate / slower, 3),
+        "whole_extract_img_s_all_rows": round(args.images / summary["loop_seconds"], 1),
         "hdf5_share_of_loop": round(summary["write_seconds"] / summary["loop_seconds"], 4),
         "decodes_per_image": round(whole_decodes / args.images, 3),
         "decodes_per_image_decode_alone": round(decodes_alone / args.images, 3),
