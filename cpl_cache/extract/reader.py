@@ -143,6 +143,14 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
 RESIZE_BACKENDS = ("pil", "torch")
 
 
+def _per_channel(value: Any) -> tuple[float, float, float] | None:
+    """A processor's mean or std (a number, a list, an array) as three floats; None if not RGB."""
+    vals = np.asarray(value, dtype=np.float64).ravel()
+    if vals.size == 1:
+        vals = np.repeat(vals, 3)
+    return tuple(float(v) for v in vals) if vals.size == 3 else None  # type: ignore[return-value]
+
+
 def plan_for(processor: Any, resize_backend: str = "pil") -> ImagePlan:
     """The plan that reproduces `processor(images=img)` for the processors we know, else a call to it.
 
@@ -181,9 +189,9 @@ def plan_for(processor: Any, resize_backend: str = "pil") -> ImagePlan:
     scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", False) else 1.0
     mean, std = (0.0,) * 3, (1.0,) * 3
     if getattr(processor, "do_normalize", False):
-        m, s = processor.image_mean, processor.image_std
-        mean = tuple(float(x) for x in (m if isinstance(m, Sequence) else [m] * 3))
-        std = tuple(float(x) for x in (s if isinstance(s, Sequence) else [s] * 3))
+        mean, std = _per_channel(processor.image_mean), _per_channel(processor.image_std)
+        if mean is None or std is None:
+            return fallback
     backend = "torch" if resize_backend == "torch" and resample in (2, 3) else "pil"
     return ImagePlan("uint8", name, resize, crop, resample, scale, mean, std, backend)  # type: ignore[arg-type]
 
