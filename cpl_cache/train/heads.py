@@ -39,7 +39,9 @@ class ProtoHead(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ (self.scale * F.normalize(self.prototypes, dim=1)).T
+        # F.linear's backward yields the (K, D) gradient contiguous, so the normalisation's backward
+        # runs on contiguous memory instead of a transposed view.
+        return F.linear(x, self.scale * F.normalize(self.prototypes, dim=1))
 
 
 class LinearHead(nn.Module):
@@ -52,7 +54,7 @@ class LinearHead(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound, generator=generator))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x, self.weight.T)
+        return F.linear(x, self.weight, self.bias)
 
 
 def proto_head(spec: Any, generator: torch.Generator | None = None) -> ProtoHead:
