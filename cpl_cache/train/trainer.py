@@ -81,7 +81,7 @@ def resolve(cfg: TrainConfig) -> tuple[Method, Hparams, str]:
     """The method, its hyperparameters with overrides, and the run's name.
 
     The name is the method's, followed by `+key=value` for each override that differs from the
-    method's default (e.g. `cpl+loss=soft`, `naive-lp+head=proto+epochs=5`), so that an ablation
+    method's default (e.g. `cpl+loss=soft`, `naive-lp+head=proto+epochs=3`), so that an ablation
     never overwrites the plain method's results.
     """
     m = get_method(cfg.method)
