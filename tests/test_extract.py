@@ -202,7 +202,9 @@ def test_bad_image_with_error_ends_in_one_line_naming_it(synth_dir, tmp_path, ho
     root, paths = _copy_domain(synth_dir, tmp_path, "painting")
     bad = paths[21]
     _damage(root, bad, how)
-    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--shard-size", "16")
+    # Decoding failures come from a loader worker: the run must stop cleanly, not hang.
+    workers = "0" if how in ("empty", "missing") else "1"
+    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--shard-size", "16", "--workers", workers)
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("cpl-cache: error:") and bad in lines[0], res.output
