@@ -86,7 +86,7 @@ def value_and_grad(fn, s, w, t):
 @pytest.mark.parametrize("progress", [0.0, 0.04, 0.2, 0.5, 1.0])
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_loss_matches_plain_formula(name: str, progress: float):
-    g = torch.Generator().manual_seed(hash((name, progress)) % 2**31)
+    g = torch.Generator().manual_seed(1000 * sorted(REFERENCE).index(name) + round(100 * progress))
     s = 3 * torch.randn(12, 9, generator=g, dtype=torch.float64)
     w = 3 * torch.randn(12, 9, generator=g, dtype=torch.float64)
     v, gr = value_and_grad(LOSSES[name], s, w, progress)
