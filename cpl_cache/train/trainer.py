@@ -169,8 +169,10 @@ def fit(
     per_epoch = math.ceil(n / bs)
     total = hp.epochs * per_epoch
     at = {round(i * total / hp.curve_points) for i in range(hp.curve_points + 1)} if total else {0}
-    fused = x.device.type in ("cpu", "cuda")  # one kernel for the whole update instead of ~10 per tensor
-    opt = torch.optim.AdamW(head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+    try:  # one kernel for the whole update instead of ~10 per tensor (CPU support since torch 2.4)
+        opt = torch.optim.AdamW(head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
+    except RuntimeError:
+        opt = torch.optim.AdamW(head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     curve = []
     for step in range(total):
         if evaluate is not None and step in at:
