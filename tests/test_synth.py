@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from cpl_cache.cli import app
 from cpl_cache.datasets import DOMAINS, check_files, load_domainnet, load_rgb, prompt_for
-from cpl_cache.synth.images import ImageSetConfig, write_images
-from cpl_cache.synth.models import write_clip
+from cpl_cache.synth.images import ImageSetConfig, class_names, draw_pretraining, label_order, write_images
+from cpl_cache.synth.models import PretrainConfig, write_clip
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -30,7 +30,9 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     runner = CliRunner()
     for name in ("a", "b"):
         res = runner.invoke(
-            app, ["synth", str(tmp_path / name), "--classes", "3", "--per-class", "3", "--seed", "3"]
+            app,
+            ["synth", str(tmp_path / name), "--classes", "3", "--per-class", "3", "--seed", "3"]
+            + ["--pretrain-steps", "0"],
         )
         assert res.exit_code == 0, res.output
         assert "wrote 54 images of 3 classes in 6 domains" in res.output
@@ -44,6 +46,67 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     c = _digests(tmp_path / "c")
     assert {k for k in c if c[k] != a.get("domainnet/" + k)} == set(c)
     assert _digests(tmp_path / "c-clip") != _digests(tmp_path / "a" / "models" / "clip-tiny")
+
+
+# A short pretraining (seconds): enough for zero-shot to work on the colour domains with 5 classes.
+SHORT = PretrainConfig(images=600, steps=150)
+
+
+@pytest.fixture(scope="module")
+def pretrained_clip(tmp_path_factory) -> tuple[Path, list[str]]:
+    names = label_order(class_names(5), 0)
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip", classes=names, pretrain=SHORT), names
+
+
+def test_pretraining_is_deterministic_and_changes_the_weights(tmp_path, pretrained_clip):
+    names = label_order(class_names(5), 0)
+    tiny = PretrainConfig(images=32, steps=3, batch_size=16)
+    a = _digests(write_clip(tmp_path / "a", classes=names, pretrain=tiny))
+    b = _digests(write_clip(tmp_path / "b", classes=names, pretrain=tiny))
+    plain = _digests(write_clip(tmp_path / "plain"))
+    assert a == b
+    assert a["model.safetensors"] != plain["model.safetensors"]
+    assert {k for k in a if a[k] != plain[k]} == {"model.safetensors"}  # same config and processor
+    assert _digests(pretrained_clip[0])["model.safetensors"] != a["model.safetensors"]
+
+
+def test_pretraining_images_are_not_the_image_sets(tmp_path):
+    """Pretraining draws from a seed stream of its own: none of its images is a dataset image."""
+    cfg = ImageSetConfig(classes=3, per_class=6, seed=0, domains=("clipart", "quickdraw"))
+    write_images(tmp_path, cfg)
+    ours = {np.asarray(load_rgb(p)).tobytes() for p in tmp_path.rglob("*.*") if p.suffix != ".txt"}
+    drawn = draw_pretraining(3, 200, 0, (1, 0, 0, 1, 0, 0))
+    assert {d for _, _, d in drawn} == {"clipart", "quickdraw"}
+    assert sorted({label for _, label, _ in drawn}) == [0, 1, 2]
+    assert not ours & {np.asarray(im).tobytes() for im, _, _ in drawn}
+
+
+def _zero_shot(clip_dir: Path, images, names: list[str]) -> float:
+    import torch
+    from transformers import AutoProcessor, CLIPModel
+
+    proc = AutoProcessor.from_pretrained(clip_dir)
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    pics = [load_rgb(images.root / p) for p in images.paths]
+    with torch.no_grad():
+        img = clip.get_image_features(**proc(images=pics, return_tensors="pt")).pooler_output
+        prompts = [prompt_for(c) for c in names]
+        txt = clip.get_text_features(**proc(text=prompts, return_tensors="pt", padding=True)).pooler_output
+    pred = (img @ torch.nn.functional.normalize(txt, dim=-1).T).argmax(1).numpy()
+    return float((pred == images.labels).mean())
+
+
+@pytest.mark.parametrize("domain", ["clipart", "real"])
+def test_pretrained_clip_classifies_unseen_images_zero_shot(tmp_path, pretrained_clip, domain):
+    """Zero-shot with "a photo of a {class}." on image-set images (none seen in pretraining): far above
+    the 20% of chance, where the same CLIP with its random weights is not."""
+    clip_dir, names = pretrained_clip
+    write_images(tmp_path / "data", ImageSetConfig(classes=5, per_class=12, seed=0, domains=(domain,)))
+    images = load_domainnet(tmp_path / "data", domain)
+    assert list(images.classes) == names
+    acc = _zero_shot(clip_dir, images, names)
+    assert acc >= 0.6, acc  # measured: clipart 0.91, real 0.84 (100 images each)
+    assert _zero_shot(write_clip(tmp_path / "plain"), images, names) <= 0.4
 
 
 def test_refuses_a_folder_that_already_holds_synthetic_data(synth_dir):
@@ -113,7 +176,7 @@ def _features(images, rows) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize(("domain", "floor"), [("real", 0.8), ("quickdraw", 0.45)])
+@pytest.mark.parametrize(("domain", "floor"), [("real", 0.55), ("quickdraw", 0.45)])
 def test_classes_are_learnable_from_pixels(synth_dir, domain, floor):
     """A nearest-centroid classifier on 12x12 pixels beats chance by far: the content depends on the class."""
     images = load_domainnet(synth_dir / "domainnet", domain)
@@ -122,7 +185,7 @@ def test_classes_are_learnable_from_pixels(synth_dir, domain, floor):
     centroids = np.stack([xtr[images.labels[tr] == c].mean(0) for c in range(SYNTH_CLASSES)])
     pred = ((xte[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
     acc = (pred == images.labels[te]).mean()
-    assert acc >= floor, acc  # chance is 0.2; quickdraw's outlines vary more in raw pixels
+    assert acc >= floor, acc  # chance is 0.2; hues wander around the class's, outlines vary in raw pixels
 
 
 def test_checkpoints_load_by_path_offline_and_run(synth_dir):

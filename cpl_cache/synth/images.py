@@ -14,10 +14,14 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cpl_cache.datasets import DOMAINS
+
+if TYPE_CHECKING:
+    from cpl_cache.synth.models import PretrainConfig
 
 # The first DomainNet classes (folder names as on disk); more classes get generated names.
 CLASS_POOL = (
@@ -27,6 +31,13 @@ CLASS_POOL = (
     "belt", "bench", "bicycle", "binoculars", "bird", "birthday_cake", "blackberry", "blueberry",
     "book", "boomerang", "bottlecap", "bowtie", "bracelet",
 )  # fmt: skip
+# Words a caption uses for each domain's style when it names one ("a sketch of a bee.").
+DOMAIN_WORDS = {
+    "clipart": "clipart", "infograph": "infographic", "painting": "painting",
+    "quickdraw": "quick drawing", "real": "photo", "sketch": "sketch",
+}  # fmt: skip
+PRETRAIN_STREAM = 1  # seeds of pretraining images carry this tag, so they never repeat a dataset image
+HUE_JITTER = 0.05  # standard deviation of an image's hue around its class's, in turns of the colour wheel
 SHAPES = ("circle", "triangle", "square", "star", "plus", "ring", "hbar", "vbar", "arrow", "cross")
 EXT = {d: ("png" if d == "quickdraw" else "jpg") for d in DOMAINS}
 
@@ -100,8 +111,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     raise ValueError(shape)
 
 
-def _hue(label: int, k: int) -> tuple[int, int, int]:
-    h = (label * 0.618034) % 1.0
+def _hue(label: int, k: int, jitter: float = 0.0) -> tuple[int, int, int]:
+    h = (label * 0.618034 + jitter) % 1.0
     r, g, b = colorsys.hsv_to_rgb(h, 0.85, 0.9)
     return int(r * 255), int(g * 255), int(b * 255)
 
@@ -113,7 +124,9 @@ def _draw(domain: str, label: int, k: int, rng: np.random.Generator, size: tuple
     w, h = size
     shape = SHAPES[label % len(SHAPES)]
     copies = 1 + (label // len(SHAPES)) % 2  # classes beyond the shape list differ by count too
-    color = _hue(label, k)
+    # The hue leans towards the class's but wanders far enough that colour alone is a weak cue: the
+    # shape is what a model must learn.
+    color = _hue(label, k, rng.normal(0.0, HUE_JITTER))
     r = min(w, h) * rng.uniform(0.22, 0.32) / copies**0.5
     rot = rng.uniform(-0.35, 0.35)
     centers = []
@@ -167,6 +180,26 @@ def _draw(domain: str, label: int, k: int, rng: np.random.Generator, size: tuple
     if domain == "painting":
         im = im.filter(ImageFilter.GaussianBlur(0.8))
     return im
+
+
+def draw_pretraining(
+    k: int, count: int, seed: int, domain_mix: tuple[float, ...], *, min_size: int = 40, max_size: int = 72
+) -> list[tuple[object, int, str]]:
+    """`count` (RGB image, label, domain) triples of k classes for pretraining the tiny CLIP.
+
+    Domains are drawn with weights `domain_mix` (in `DOMAINS` order) and classes uniformly. Seeds come
+    from a stream of their own (`PRETRAIN_STREAM`), so none of these images is one of the image set's.
+    """
+    pick = np.random.default_rng([seed, PRETRAIN_STREAM])
+    mix = np.asarray(domain_mix, np.float64)
+    domains = pick.choice(len(DOMAINS), size=count, p=mix / mix.sum())
+    labels = pick.integers(0, k, size=count)
+    out = []
+    for i, (d, label) in enumerate(zip(domains.tolist(), labels.tolist(), strict=True)):
+        rng = np.random.default_rng([seed, PRETRAIN_STREAM, d, label, i])
+        size = (int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1)))
+        out.append((_draw(DOMAINS[d], label, k, rng, size).convert("RGB"), label, DOMAINS[d]))
+    return out
 
 
 def _encode(im, domain: str, trap: str | None) -> bytes:
@@ -225,11 +258,17 @@ def write_images(root: Path, cfg: ImageSetConfig) -> dict[str, dict[str, int]]:
     return counts
 
 
-def synthesize(out: Path, cfg: ImageSetConfig) -> dict:
-    """`cpl-cache synth`: images and lists under out/domainnet, tiny checkpoints under out/models."""
+def synthesize(out: Path, cfg: ImageSetConfig, pretrain: PretrainConfig | None = None) -> dict:
+    """`cpl-cache synth`: images and lists under out/domainnet, tiny checkpoints under out/models.
+
+    With `pretrain` the CLIP is first trained contrastively on images of its own (so zero-shot and
+    the strong ceiling mean something); without, it keeps its random weights (enough for tests that
+    only need a loadable CLIP).
+    """
     from cpl_cache.synth.models import write_models
 
     out = Path(out)
     counts = write_images(out / "domainnet", cfg)
-    paths = write_models(out / "models", label_order(class_names(cfg.classes), cfg.seed), seed=cfg.seed)
+    names = label_order(class_names(cfg.classes), cfg.seed)
+    paths = write_models(out / "models", names, seed=cfg.seed, pretrain=pretrain)
     return {"root": out / "domainnet", "counts": counts, **paths}
