@@ -254,8 +254,11 @@ def write_text(
     prompts: list[str],
     logit_scale: float,
     token_ids: np.ndarray | None = None,
+    prefix_len: int | None = None,
 ) -> None:
-    """Write `text.h5`: L2-normalised text embeddings of the class prompts and the logit scale."""
+    """Write `text.h5`: L2-normalised text embeddings of the class prompts and the logit scale;
+    optionally the prompts' token ids and `prefix_len`, how many tokens after the start token the
+    context phrase ("a photo of a") spans (what the prompt head replaces)."""
     import h5py
 
     ddir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +270,8 @@ def write_text(
         if token_ids is not None:
             f.create_dataset("token_ids", data=np.asarray(token_ids, dtype=np.int64))
         f.attrs["logit_scale"] = float(logit_scale)
+        if prefix_len is not None:
+            f.attrs["prefix_len"] = int(prefix_len)
     os.replace(tmp, path)
 
 
@@ -286,6 +291,7 @@ class CachedDomain:
     text_embeds: Any | None  # torch.Tensor (K, D) float32
     logit_scale: float | None
     token_ids: Any | None = None  # torch.Tensor (K, L) int64, when extract stored them
+    prefix_len: int | None = None  # tokens of the context phrase after the start token, with token_ids
     paths: list[str] | None = None
 
     @property
@@ -400,7 +406,7 @@ def load_domain(
         if with_paths:
             paths = [paths[i] for i in order]
 
-    text_embeds = token_ids = None
+    text_embeds = token_ids = prefix_len = None
     logit_scale = None
     tpath = ddir / TEXT_FILE
     if with_text and tpath.is_file():
@@ -410,6 +416,8 @@ def load_domain(
                 logit_scale = float(f.attrs["logit_scale"])
                 if "token_ids" in f:
                     token_ids = torch.from_numpy(f["token_ids"][:])
+                    if "prefix_len" in f.attrs:
+                        prefix_len = int(f.attrs["prefix_len"])
         except (OSError, KeyError) as err:
             raise UserError(f"{tpath} is damaged ({err}); rerun extract with --overwrite") from None
         if tuple(text_embeds.shape) != (K, D):
@@ -425,6 +433,7 @@ def load_domain(
         text_embeds=text_embeds,
         logit_scale=logit_scale,
         token_ids=token_ids,
+        prefix_len=prefix_len,
         paths=paths if with_paths else None,
     )
 

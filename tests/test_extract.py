@@ -19,6 +19,7 @@ from cpl_cache.datasets import load_domainnet, load_rgb, prompt_for
 from cpl_cache.extract import ExtractConfig, run_extract
 from cpl_cache.extract.mapper import Mapper
 from cpl_cache.extract.reader import plan_for, rank_share, shard_ranges
+from cpl_cache.train.prompt import prompt_token_ids
 
 torch.set_num_threads(1)
 
@@ -92,6 +93,11 @@ def test_cached_rows_equal_each_model_run_on_its_own_processor(synth_dir, tmp_pa
     assert got.logit_scale == pytest.approx(float(clip.logit_scale.detach().exp()))
     with h5py.File(cache / domain / "text.h5") as f:
         assert f["prompts"].asstr()[:].tolist() == prompts
+    # The same prompts' token ids and the context phrase's length: the prompt head needs no tokenizer.
+    ids, prefix_len = prompt_token_ids(proc.tokenizer, list(images.classes))
+    assert got.prefix_len == prefix_len > 0 and got.token_ids.dtype == torch.int64
+    assert got.token_ids[:, : ids.shape[1]].tolist() == ids.tolist()
+    assert (got.token_ids[:, ids.shape[1] :] == proc.tokenizer.pad_token_id).all()
 
 
 def _processors():

@@ -175,11 +175,15 @@ class Mapper:
             emb = emb / emb.norm(dim=-1, keepdim=True)
             return emb.half().cpu().numpy(), logits.float().cpu().numpy()
 
-    def text(self, prompts: list[str]) -> tuple[np.ndarray, float, np.ndarray]:
+    def text(self, prompts: list[str]) -> tuple[np.ndarray, float, np.ndarray, int | None]:
         """Normalised text embeddings (K, D) float32 of the prompts (float32 on every device),
-        the logit scale exp(t), and the token ids."""
+        the logit scale exp(t), the token ids (K, L) of those same prompts, and how many tokens
+        after the start token the context phrase "a photo of a" spans (None when some prompt does
+        not begin with it): the layout the prompt head of stage two needs, so it needs no tokenizer."""
         import torch
         from transformers import AutoTokenizer
+
+        from cpl_cache.train.prompt import context_phrase
 
         try:
             tok = AutoTokenizer.from_pretrained(self.strong_id)
@@ -195,7 +199,10 @@ class Mapper:
                 t = _pooled(self.clip.get_text_features(input_ids=ids, attention_mask=mask)).float()
                 out.append((t / t.norm(dim=-1, keepdim=True)).cpu())
             scale = float(self.clip.logit_scale.exp().item())
-        return torch.cat(out).numpy(), scale, enc["input_ids"].numpy()
+        ids = enc["input_ids"].numpy().astype(np.int64)
+        phrase = tok(context_phrase(), add_special_tokens=False)["input_ids"]
+        starts = bool(phrase) and bool((ids[:, 1 : 1 + len(phrase)] == np.asarray(phrase)).all())
+        return torch.cat(out).numpy(), scale, ids, len(phrase) if starts else None
 
 
 def plans_for(strong_processor: Any, weak_processor: Any, resize: str = "pil") -> tuple[ImagePlan, ImagePlan]:

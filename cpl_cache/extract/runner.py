@@ -214,8 +214,8 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     models = mapper.Mapper(cfg.strong, cfg.weak, plans, device)
     if dist.rank == 0 and (not (ddir / "text.h5").is_file() or not done):
         prompts = [prompt_for(c) for c in images.classes]
-        text, scale, token_ids = models.text(prompts)
-        write_text(ddir, text, prompts, scale, token_ids=token_ids)
+        text, scale, token_ids, prefix_len = models.text(prompts)
+        write_text(ddir, text, prompts, scale, token_ids=token_ids, prefix_len=prefix_len)
 
     sink = writer.ShardSink(
         ddir,
