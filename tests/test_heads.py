@@ -3,6 +3,9 @@ the linear head is W x + b; both are reproducible from a seeded generator."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,11 +59,50 @@ def test_linear_head_is_affine_and_seeded():
     assert a.weight.abs().max() <= bound and a.weight.shape == (s.num_classes, s.dim)
 
 
+def prompt_spec(root: Path, k: int = 6, d: int = 16) -> HeadSpec:
+    """A spec with a tiny saved text tower and hand-made token ids: [SOS] 5 6 7 (the phrase) class "." EOS
+    pad; its text embeddings are the tower's own features of those prompts (the zero-shot classifier)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    sos, eos = 0, 1
+    config = CLIPTextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=16, projection_dim=d,
+                            bos_token_id=sos, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    torch.manual_seed(0)
+    tower = CLIPTextModelWithProjection(config).eval()
+    tower.save_pretrained(root)
+    ids = torch.tensor(
+        [[sos, 5, 6, 7, *([10 + c] * (1 + c % 2)), 2, eos] + [eos] * (1 - c % 2) for c in range(k)]
+    )
+    with torch.no_grad():
+        text = F.normalize(tower(input_ids=ids).text_embeds, dim=1)
+    return HeadSpec(dim=d, num_classes=k, text_embeds=text, logit_scale=100.0, strong_id=str(root),
+                    token_ids=ids, prefix_len=3)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
-def test_every_head_maps_embeddings_to_class_logits(name: str):
-    s = spec(k=7, d=12)
+def test_every_head_maps_embeddings_to_class_logits(name: str, tmp_path: Path):
+    s = prompt_spec(tmp_path, k=7, d=12) if name == "prompt" else spec(k=7, d=12)
     head = get_head(name)(s, torch.Generator().manual_seed(0))
     assert head(torch.randn(3, 12)).shape == (3, 7)
+
+
+def test_prompt_head_starts_at_zero_shot_and_trains_its_context_alone(tmp_path: Path):
+    s = prompt_spec(tmp_path)
+    head = get_head("prompt")(s, None)
+    x = F.normalize(torch.randn(9, s.dim), dim=1)
+    torch.testing.assert_close(head(x), 100.0 * x @ s.text_embeds.T, rtol=0, atol=1e-4)
+    assert [n for n, _ in head.named_parameters()] == ["ctx"] and head.ctx.shape == (3, 16)
+    head(x)[:, 2].sum().backward()
+    assert head.ctx.grad is not None and head.ctx.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in head.text_tower.parameters())
+
+
+def test_prompt_head_without_a_text_tower_says_what_to_do(tmp_path: Path):
+    with pytest.raises(UserError, match="planted cache.*--head proto or linear"):
+        get_head("prompt")(spec(), None)
+    with pytest.raises(UserError, match="token ids"):
+        get_head("prompt")(dataclasses.replace(prompt_spec(tmp_path), token_ids=None), None)
 
 
 def test_unknown_head_lists_the_valid_names():

@@ -1,8 +1,9 @@
 """Heads trained on cached image embeddings: `HEADS[name](domain, generator) -> nn.Module`.
 
 `domain` is a `CachedDomain` (or a `HeadSpec`: anything with `dim`, `num_classes`, `text_embeds` and
-`logit_scale`). Every head maps L2-normalised float32 embeddings (B, D) to logits (B, K); the trainer
-normalises the cached embeddings once, so a head never re-normalises its input.
+`logit_scale`; the prompt head also reads the CLIP checkpoint, `token_ids` and `prefix_len`). Every
+head maps L2-normalised float32 embeddings (B, D) to logits (B, K); the trainer normalises the cached
+embeddings once, so a head never re-normalises its input.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ class HeadSpec:
     num_classes: int
     text_embeds: Tensor | None = None  # (K, D) float32
     logit_scale: float | None = None  # the multiplier kappa applied to cosine similarities
+    # What the prompt head reads: the CLIP checkpoint (id or path) whose text tower it runs, the class
+    # prompts' token ids (K, L) and the context phrase's length in tokens (see `cpl_cache.train.prompt`).
+    strong_id: str | None = None
+    token_ids: Tensor | None = None
+    prefix_len: int | None = None
 
 
 class ProtoHead(nn.Module):
@@ -72,9 +78,39 @@ def linear_head(spec: Any, generator: torch.Generator | None = None) -> LinearHe
     return LinearHead(spec.dim, spec.num_classes, generator)
 
 
+PROMPT_INIT = "phrase"  # context vectors start as "a photo of a": the untrained head is the zero-shot one
+
+
+def prompt_head(spec: Any, generator: torch.Generator | None = None) -> nn.Module:
+    """CoOp (TP): context vectors before each class name, through the frozen text tower of the cache's CLIP.
+
+    Built on the CPU; the trainer's `.to(device)` moves the text tower with the head.
+    """
+    from cpl_cache.errors import UserError
+    from cpl_cache.train.prompt import make_prompt_head
+
+    manifest = getattr(spec, "manifest", None)
+    strong_id = manifest.get("strong", {}).get("id") if manifest is not None else spec.strong_id
+    if strong_id is None or strong_id == "planted":
+        raise UserError(
+            "the prompt head runs the text encoder of the CLIP the cache was extracted with, and this "
+            "cache names none (a planted cache has none); extract the domain from images, or pick a "
+            "method of another head (e.g. auxconf-lp, cpl) or pass --head proto or linear"
+        )
+    return make_prompt_head(
+        str(strong_id),
+        getattr(spec, "token_ids", None),
+        spec.logit_scale,
+        prefix_len=getattr(spec, "prefix_len", None),
+        init=PROMPT_INIT,
+        generator=generator,
+    )
+
+
 HEADS: dict[str, Callable[[Any, torch.Generator | None], nn.Module]] = {
     "proto": proto_head,
     "linear": linear_head,
+    "prompt": prompt_head,
 }
 
 

@@ -39,6 +39,8 @@ class Method:
 # and needs a larger step than the prototypes, which start at the zero-shot classifier.
 _LP = dict(head="linear", epochs=5, lr=1e-2, batch_size=1024, weight_decay=1e-4)
 _PROTO = dict(head="proto", epochs=5, lr=1e-3, batch_size=1024, weight_decay=0.0)
+# The text-prompt head (CoOp) trains a few context vectors through the frozen text encoder; CoOp's step 2e-3.
+_TP = dict(head="prompt", epochs=10, lr=2e-3, batch_size=1024, weight_decay=0.0)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -65,6 +67,12 @@ METHODS: dict[str, Method] = {
             "class prototype learning: prototypes from text, KD from the weak logits",
             loss="kd",
             **_PROTO,
+        ),
+        Method("naive-tp", "text prompt (CoOp), cross-entropy to softmax(weak)", loss="soft", **_TP),
+        Method("kd-tp", "text prompt (CoOp), KD from the weak logits", loss="kd", **_TP),
+        Method("auxconf-tp", "text prompt (CoOp), auxiliary confidence loss", loss="auxconf", **_TP),
+        Method(
+            "ceiling-tp", "strong ceiling: text prompt on ground truth", loss="hard", targets="truth", **_TP
         ),
     ]
 }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpl_cache.errors import UserError
-from cpl_cache.train.heads import get_head
+from cpl_cache.train.heads import PROMPT_INIT, get_head
 from cpl_cache.train.losses import Loss, get_loss
 from cpl_cache.train.methods import Method, get_method
 
@@ -222,6 +222,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
         )
 
     curve: list[dict[str, Any]] = []
+    head_config: dict[str, Any] | None = None
     if hp.head is None:  # the weak supervisor itself
         pred_test, train_acc = weak_test, 1.0
     else:
@@ -229,6 +230,8 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
         x_test = F.normalize(data.image_embeds.index_select(0, test).to(device).float(), dim=1)
         x_train = F.normalize(data.image_embeds.index_select(0, train).to(device).float(), dim=1)
         head = get_head(hp.head)(data, gen).to(device)
+        if hp.head == "prompt":  # how the context was set up; fixed per head, so not part of `hparams`
+            head_config = {"n_ctx": head.n_ctx, "init": PROMPT_INIT}
         probe = torch.randperm(len(train), generator=gen)[:CURVE_TRAIN_ROWS]
         x_probe = x_train[probe.to(device)]
         weak_probe = data.weak_logits[train[probe]].argmax(dim=1).to(device)
@@ -274,6 +277,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
         "loss": hp.loss,
         "seed": cfg.seed,
         "hparams": asdict(hp),
+        **({"head_config": head_config} if head_config is not None else {}),
         "metrics": metrics,
         "curve": curve,
         "seconds": time.perf_counter() - t0,
