@@ -62,9 +62,10 @@ def test_table2_grid_is_the_papers_and_every_method_is_registered() -> None:
     assert grid.domains == ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
     assert grid.seeds == (0, 1, 2)
     assert [m.method for m in grid.methods] == [
-        "weak", "zeroshot", "naive-lp", "kd-lp", "auxconf-lp", "augconf-lp", "adaptconf-lp", "cpl", "ceiling"
+        "weak", "zeroshot", "naive-lp", "kd-lp", "auxconf-lp", "augconf-lp", "adaptconf-lp",
+        "naive-tp", "kd-tp", "auxconf-tp", "cpl", "ceiling", "ceiling-tp",
     ]  # fmt: skip
-    assert len(grid.cells()) == 6 * 9 * 3
+    assert len(grid.cells()) == 6 * 13 * 3
 
 
 def test_a_method_joins_by_one_line(tmp_path: Path) -> None:
@@ -73,7 +74,7 @@ def test_a_method_joins_by_one_line(tmp_path: Path) -> None:
     assert grown != text
     path = tmp_path / "g.toml"
     path.write_text(grown)
-    assert [m.method for m in load_grid(path).methods][-3:] == ["ceiling-lp", "cpl", "ceiling"]
+    assert [m.method for m in load_grid(path).methods][-4:] == ["ceiling-lp", "cpl", "ceiling", "ceiling-tp"]
 
 
 def test_inline_tables_cells_and_defaults_merge() -> None:
@@ -223,7 +224,8 @@ def test_bad_settings_fail_before_any_training(setup, tmp_path: Path) -> None:
     grid.write_text(GRID.replace('"weak",', '{ method = "weak", epochs = 3 },'))
     with pytest.raises(UserError, match="method 'weak'.*trains nothing"):
         run_pipeline(PipelineConfig(**{**cfg.__dict__, "pipeline": grid}))
-    grid.write_text(GRID.replace('"cpl",', '"cpl", { method = "cpl", epochs = 10 },'))
+    same = METHODS["cpl"].epochs  # the default spelled out: the same run as plain "cpl"
+    grid.write_text(GRID.replace('"cpl",', f'"cpl", {{ method = "cpl", epochs = {same} }},'))
     with pytest.raises(UserError, match="both run as 'cpl'"):
         run_pipeline(PipelineConfig(**{**cfg.__dict__, "pipeline": grid}))
     assert calls == []
