@@ -276,7 +276,9 @@ def train_cmd(
     method: Annotated[str, typer.Option("--method", help="A registered method (see `cpl-cache methods`).")],
     domain: DomainOpt,
     cache_dir: CacheDir,
-    head: Annotated[Optional[str], typer.Option(help="Override the method's head: proto or linear.")] = None,
+    head: Annotated[
+        Optional[str], typer.Option(help="Override the method's head: proto, linear or prompt.")
+    ] = None,
     loss: Annotated[
         Optional[str], typer.Option(help="Override the loss: soft, hard, kd, auxconf, augconf, adaptconf.")
     ] = None,
