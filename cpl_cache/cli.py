@@ -414,6 +414,7 @@ DEMO_CLASSES = 10
 DEMO_PER_CLASS = 50  # per class and domain: 30 train, 10 hold, 10 test images
 DEMO_WEAK_EPOCHS = 40  # the tiny ResNet starts from random weights: enough epochs to land between
 DEMO_WEAK_BATCH = 16  # chance and the strong ceiling on 100 hold images
+DEMO_WEAK_WORKERS = 0  # 100 small images an epoch: starting loader processes each epoch costs more
 
 
 @command("reproduce")
@@ -457,7 +458,9 @@ def demo_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the synthetic data, checkpoints, cache and results.")] = Path(
         "demo"
     ),
-    pipeline: Annotated[Path, typer.Option(help="Grid file.")] = Path("pipelines/table2.toml"),
+    pipeline: Annotated[
+        Path, typer.Option(help="Grid file (the demo's: Table 2's grid with enough steps for ~300 rows).")
+    ] = Path("pipelines/demo.toml"),
     device: DeviceOpt = "cpu",
 ) -> None:
     """The whole pipeline on synthetic DomainNet-layout images and tiny models: offline, minutes on a CPU."""
@@ -478,6 +481,7 @@ def demo_cmd(
         pipeline=pipeline, data_root=out / "domainnet", strong=str(out / "models" / "clip-tiny"),
         weak_model=str(out / "models" / "resnet-tiny"), weak_dir=out / "weak", cache_dir=out / "cache",
         results=out / "results", device=device, weak_epochs=DEMO_WEAK_EPOCHS, weak_batch_size=DEMO_WEAK_BATCH,
+        weak_workers=DEMO_WEAK_WORKERS,
     )  # fmt: skip
     res = reproduce(cfg)
     typer.echo(res["table"])

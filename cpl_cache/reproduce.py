@@ -36,6 +36,7 @@ class ReproduceConfig:
     device: str = "auto"
     weak_epochs: int | None = None  # None: train-weak's default
     weak_batch_size: int | None = None
+    weak_workers: int | None = None  # loader processes of train-weak (0: decode in the main process)
     extract_batch_size: int | None = None
     workers: int | None = None
     seeds: tuple[int, ...] | None = None
@@ -67,6 +68,8 @@ def _train_weak(cfg: ReproduceConfig, domain: str, out: Path) -> None:
         extra["epochs"] = cfg.weak_epochs
     if cfg.weak_batch_size is not None:
         extra["batch_size"] = cfg.weak_batch_size
+    if cfg.weak_workers is not None:
+        extra["workers"] = cfg.weak_workers
     # A folder without a split record is an unfinished run of ours: start it over.
     train_weak(
         WeakConfig(

@@ -105,7 +105,7 @@ def test_pretrained_clip_classifies_unseen_images_zero_shot(tmp_path, pretrained
     images = load_domainnet(tmp_path / "data", domain)
     assert list(images.classes) == names
     acc = _zero_shot(clip_dir, images, names)
-    assert acc >= 0.6, acc  # measured: clipart 0.91, real 0.84 (100 images each)
+    assert acc >= 0.6, acc  # measured: clipart 0.92, real 0.77 (60 images each); random weights 0.2
     assert _zero_shot(write_clip(tmp_path / "plain"), images, names) <= 0.4
 
 

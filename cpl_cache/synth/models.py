@@ -40,7 +40,7 @@ class PretrainConfig:
     # Share of each domain among the pretraining images, in DOMAINS order:
     # clipart, infograph, painting, quickdraw, real, sketch.
     domain_mix: tuple[float, ...] = (0.18, 0.14, 0.18, 0.14, 0.22, 0.14)
-    style_captions: float = 0.25  # share of captions naming the domain's style ("a sketch of a bee.")
+    style_captions: float = 0.75  # share of captions naming the domain's style ("a sketch of a bee.")
     max_logit_scale: float = 100.0
 
 
