@@ -21,9 +21,10 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`cpl-cache synth` output with 5 classes x 8 images x 6 domains (read-only: copy before changing).
 
     Layout: synth_dir/domainnet (the data root), synth_dir/models/clip-tiny, synth_dir/models/resnet-tiny.
+    The CLIP keeps its random weights (no pretraining: loadable and fast, not good at zero-shot).
     """
     from cpl_cache.synth.images import ImageSetConfig, synthesize
 
     out = tmp_path_factory.mktemp("synth")
-    synthesize(out, ImageSetConfig(classes=SYNTH_CLASSES, per_class=SYNTH_PER_CLASS, seed=0))
+    synthesize(out, ImageSetConfig(classes=SYNTH_CLASSES, per_class=SYNTH_PER_CLASS, seed=0), pretrain=None)
     return out
