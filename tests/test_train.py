@@ -25,7 +25,7 @@ from cpl_cache.train.trainer import TrainConfig, resolve, result_path, run_train
 DOMAIN = "clipart"
 # Clean strong features (small image noise) and a weak supervisor right half the time.
 CLEAN = PlantedConfig(domain=DOMAIN, n_train=1500, n_hold=200, n_test=600, dim=32, classes=10, weak_acc=0.5,
-                      image_noise=1.0, seed=1)  # fmt: skip
+                      image_noise=1.0, nuisance_noise=0.0, text_noise=0.8, seed=1)  # fmt: skip
 FAST = dict(epochs=8, batch_size=128)  # about a hundred steps, milliseconds on tiny caches
 FAST_LR = {"linear": 0.1, "proto": None}  # at D = 32 a random linear probe needs a larger step than at 512
 # A planted cache has no CLIP text tower for the prompt head: the *-tp methods are tested on a cache

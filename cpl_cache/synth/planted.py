@@ -3,12 +3,19 @@
 The generative story (all seeded):
 - classes come in groups of about five; a class direction mu_k on the unit sphere is its group's
   direction plus its own, so classes of a group are similar (cosine about 0.5);
-- an image embedding is normalise(mu_y + noise): the strong features are clean but not trivial;
+- an image embedding is normalise(mu_y + nuisance + noise): the nuisance lives in a shared 64-d
+  subspace (style, background: large but low-rank, as intra-class variation of real CLIP features
+  is), the noise is isotropic and smaller; a head can learn to ignore the first, not the second;
 - a text embedding is normalise(mu_k + a shared modality offset + noise): zero-shot works, imperfectly;
 - the weak supervisor predicts the true class with probability `weak_acc`, else a confusable class
   (mostly one of the same group); its logits put the largest value on that prediction and some mass
   on the true class, so soft labels carry more than their argmax. Its mistakes do not depend on the
-  image features, which is what lets a strong student trained on them beat it.
+  image features, which is what lets a strong student trained on them beat it. The logits are
+  about calibrated: their mean top-1 probability is near the supervisor's accuracy at 0.6.
+
+With the defaults at quickdraw size (120,750 train rows, 512-d, 345 classes): zero-shot about 41%,
+the weak supervisor 60%, CPL about 69% and the ground-truth ceiling about 81% (measured with
+kappa = 100, the logit scale written to text.h5, as OpenAI's checkpoints have).
 """
 
 from __future__ import annotations
@@ -46,9 +53,14 @@ class PlantedConfig:
     weak_acc: float = 0.6
     seed: int = 0
     shard_size: int = 50_000
-    image_noise: float = 5.8  # norm of the image noise relative to the unit class direction
-    text_noise: float = 0.8  # norm of the text noise: how far zero-shot prototypes sit from the truth
+    image_noise: float = 5.0  # norm of the isotropic image noise relative to the unit class direction
+    nuisance_rank: int = 64  # dimension of the shared nuisance subspace
+    nuisance_noise: float = 6.0  # norm of the nuisance component
+    text_noise: float = 0.3  # norm of the text noise: how far zero-shot prototypes sit from the truth
     same_group_confusion: float = 0.7  # share of weak mistakes that go to a class of the same group
+    # Sharpness of the weak logits: 1.8 makes the mean top-1 probability about 0.6, so a supervisor
+    # with weak_acc 0.6 is calibrated, as a fine-tuned classifier roughly is.
+    weak_sharpness: float = 1.8
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -90,7 +102,7 @@ def weak_logits_for(
     logits[rows, labels] += np.float32(1.5)  # the truth keeps some mass even when the argmax is wrong
     top = logits.max(axis=1)
     logits[rows, pred] = top + np.float32(1.0) + rng.random(n, dtype=np.float32)
-    return logits
+    return logits * np.float32(cfg.weak_sharpness)
 
 
 def write_planted_cache(
@@ -111,6 +123,8 @@ def write_planted_cache(
     mu, groups = class_directions(cfg, rng)
     offset = _unit(rng.standard_normal(cfg.dim).astype(np.float32)) * np.float32(0.5)
     text = _unit(mu + offset + _sphere_noise(rng, cfg.classes, cfg.dim, cfg.text_noise))
+    rank = min(cfg.nuisance_rank, cfg.dim)
+    basis = np.linalg.qr(rng.standard_normal((cfg.dim, rank)))[0].astype(np.float32)  # (D, r) orthonormal
 
     classes = [f"class_{k:03d}" for k in range(cfg.classes)]
     counts = {"train": cfg.n_train, "hold": cfg.n_hold, "test": cfg.n_test}
@@ -143,7 +157,8 @@ def write_planted_cache(
         for lo in range(0, n, 50_000):
             m = min(50_000, n - lo)
             labels = rng.integers(0, cfg.classes, m)
-            x = _unit(mu[labels] + _sphere_noise(rng, m, cfg.dim, cfg.image_noise))
+            nuisance = _sphere_noise(rng, m, rank, cfg.nuisance_noise) @ basis.T
+            x = _unit(mu[labels] + nuisance + _sphere_noise(rng, m, cfg.dim, cfg.image_noise))
             w = weak_logits_for(labels, groups, cfg, rng)
             n_right += int((w.argmax(1) == labels).sum())
             idx = np.arange(start, start + m, dtype=np.int64)

@@ -37,7 +37,7 @@ class Method:
 # Defaults chosen on a planted quickdraw-size cache (120,750 train rows; see benchmarks/bench_train.py):
 # five epochs of batch 1024 reach what ten epochs of batch 100 reach. The linear head starts at random
 # and needs a larger step than the prototypes, which start at the zero-shot classifier.
-_LP = dict(head="linear", epochs=5, lr=1e-2, batch_size=1024, weight_decay=1e-4)
+_LP = dict(head="linear", epochs=5, lr=1e-1, batch_size=1024, weight_decay=1e-4)
 _PROTO = dict(head="proto", epochs=5, lr=1e-3, batch_size=1024, weight_decay=0.0)
 # The text-prompt head (CoOp) trains a few context vectors through the frozen text encoder; CoOp's step 2e-3.
 _TP = dict(head="prompt", epochs=10, lr=2e-3, batch_size=1024, weight_decay=0.0)
