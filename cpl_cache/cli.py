@@ -16,7 +16,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -70,7 +70,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when presen
 @command("info")
 def info_cmd(
     cache_dir: CacheDir,
-    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this domain.")] = None,
+    domain: Annotated[str | None, typer.Option("--domain", help="Only this domain.")] = None,
 ) -> None:
     """Print models, row counts per split, dimensions and size on disk of cached domains."""
     from cpl_cache.cache import describe
@@ -84,7 +84,7 @@ def synth_cache_cmd(
     domain: DomainOpt = "quickdraw",
     train: Annotated[int, typer.Option(help="Rows in the train split.")] = 2000,
     test: Annotated[int, typer.Option(help="Rows in the test split.")] = 500,
-    hold: Annotated[Optional[int], typer.Option(help="Rows in the hold split (default: as test).")] = None,
+    hold: Annotated[int | None, typer.Option(help="Rows in the hold split (default: as test).")] = None,
     dim: Annotated[int, typer.Option(help="Embedding dimension D.")] = 512,
     classes: Annotated[int, typer.Option(help="Number of classes K.")] = 345,
     weak_acc: Annotated[float, typer.Option(help="Accuracy of the planted weak supervisor.")] = 0.6,
@@ -96,8 +96,15 @@ def synth_cache_cmd(
     from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
 
     cfg = PlantedConfig(
-        domain=domain, n_train=train, n_hold=test if hold is None else hold, n_test=test, dim=dim,
-        classes=classes, weak_acc=weak_acc, seed=seed, shard_size=shard_size,
+        domain=domain,
+        n_train=train,
+        n_hold=test if hold is None else hold,
+        n_test=test,
+        dim=dim,
+        classes=classes,
+        weak_acc=weak_acc,
+        seed=seed,
+        shard_size=shard_size,
     )
     stats = write_planted_cache(cache_dir, cfg, overwrite=overwrite)
     typer.echo(
@@ -118,7 +125,7 @@ def synth_cmd(
     per_class: Annotated[int, typer.Option(help="Images per class in each domain.")] = 12,
     seed: Annotated[int, typer.Option(help="Seed of images, label order and weights.")] = 0,
     pretrain_steps: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="Steps of contrastive pretraining of the tiny CLIP (0: random weights)."),
     ] = None,
 ) -> None:
@@ -187,7 +194,8 @@ def extract_cmd(
         OnBadImage, typer.Option("--on-bad-image", help="error: stop at an unreadable image; skip: note it.")
     ] = OnBadImage.error,
     resize: Annotated[
-        Resize, typer.Option("--resize", help="pil: the processors' exact pixels; torch: ~4x faster, ±1 level.")
+        Resize,
+        typer.Option("--resize", help="pil: the processors' exact pixels; torch: ~4x faster, ±1 level."),
     ] = Resize.pil,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start this domain over.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
@@ -199,9 +207,21 @@ def extract_cmd(
     from cpl_cache.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
-        domain=domain, data_root=data_root, weak=weak, cache_dir=cache_dir, strong=strong, dataset=dataset,
-        batch_size=batch_size, workers=workers, device=device, shard_size=shard_size, hold_frac=hold_frac,
-        split_seed=split_seed, on_bad_image=on_bad_image.value, resize=resize.value, overwrite=overwrite,
+        domain=domain,
+        data_root=data_root,
+        weak=weak,
+        cache_dir=cache_dir,
+        strong=strong,
+        dataset=dataset,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        shard_size=shard_size,
+        hold_frac=hold_frac,
+        split_seed=split_seed,
+        on_bad_image=on_bad_image.value,
+        resize=resize.value,
+        overwrite=overwrite,
         progress=progress,
     )
     r = run_extract(cfg)
@@ -277,15 +297,15 @@ def train_cmd(
     domain: DomainOpt,
     cache_dir: CacheDir,
     head: Annotated[
-        Optional[str], typer.Option(help="Override the method's head: proto, linear or prompt.")
+        str | None, typer.Option(help="Override the method's head: proto, linear or prompt.")
     ] = None,
     loss: Annotated[
-        Optional[str], typer.Option(help="Override the loss: soft, hard, kd, auxconf, augconf, adaptconf.")
+        str | None, typer.Option(help="Override the loss: soft, hard, kd, auxconf, augconf, adaptconf.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over train (default: the method's).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW step size (default: the method's).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default: the method's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over train (default: the method's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW step size (default: the method's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per step (default: the method's).")] = None,
     device: DeviceOpt = "auto",
     out: Annotated[Path, typer.Option(help="Results folder; writes OUT/DOMAIN/METHOD-seedN.json.")] = Path(
         "results"
@@ -298,8 +318,17 @@ def train_cmd(
     from cpl_cache.train.trainer import TrainConfig, run_training
 
     cfg = TrainConfig(
-        method=method, domain=domain, cache_dir=cache_dir, out=out, seed=seed, head=head, loss=loss,
-        epochs=epochs, lr=lr, batch_size=batch_size, device=device,
+        method=method,
+        domain=domain,
+        cache_dir=cache_dir,
+        out=out,
+        seed=seed,
+        head=head,
+        loss=loss,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        device=device,
     )
     r = run_training(cfg)
     m = r["metrics"]
@@ -355,9 +384,9 @@ def run_cmd(
     cache_dir: CacheDir,
     results: ResultsDir = Path("results"),
     device: DeviceOpt = "auto",
-    domains: Annotated[Optional[str], typer.Option(help="Only these domains (comma list).")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
-    methods: Annotated[Optional[str], typer.Option(help="Only these methods (comma list).")] = None,
+    domains: Annotated[str | None, typer.Option(help="Only these domains (comma list).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Only these methods (comma list).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over the cells.")] = True,
 ) -> None:
     """Train every cell (domain x method x seed) of a grid from the cache; cells with results are skipped."""
@@ -375,7 +404,7 @@ def run_cmd(
 def table_cmd(
     results: ResultsDir = Path("results"),
     format: Annotated[TableFormat, typer.Option("--format", help="Output format.")] = TableFormat.markdown,
-    out: Annotated[Optional[Path], typer.Option(help="Write to this file instead of stdout.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """Table 2: accuracy per domain (mean ± std over seeds), the average, PGR; best weak-supervised marked."""
     from cpl_cache.report import render_table
@@ -396,7 +425,7 @@ def plot_cmd(
     results: ResultsDir = Path("results"),
     seed: Annotated[int, typer.Option(help="Which seed's runs to draw.")] = 0,
     methods: Annotated[
-        Optional[str], typer.Option(help="Methods to draw (comma list); default auxconf-lp, auxconf-tp, cpl.")
+        str | None, typer.Option(help="Methods to draw (comma list); default auxconf-lp, auxconf-tp, cpl.")
     ] = None,
 ) -> None:
     """Figure 2: train and test accuracy against training step, with the weak and ceiling accuracies."""
@@ -426,20 +455,22 @@ def reproduce_cmd(
         "data/domainnet"
     ),
     dataset: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="domainnet, officehome or folder (default: the grid's `dataset`, else domainnet)."),
     ] = None,
     strong: Annotated[str, typer.Option(help="CLIP checkpoint id or path.")] = "openai/clip-vit-base-patch32",
     weak_model: Annotated[
         str, typer.Option(help="Image classifier id or path that train-weak fine-tunes per domain.")
     ] = "microsoft/resnet-18",
-    weak_dir: Annotated[Path, typer.Option(help="Fine-tuned weak checkpoints, one folder per domain.")] = Path(
-        "checkpoints/weak"
-    ),
+    weak_dir: Annotated[
+        Path, typer.Option(help="Fine-tuned weak checkpoints, one folder per domain.")
+    ] = Path("checkpoints/weak"),
     cache_dir: CacheDir = Path("cache"),
-    results: Annotated[Path, typer.Option(help="Results folder (table and plots go here too).")] = Path("results"),
+    results: Annotated[Path, typer.Option(help="Results folder (table and plots go here too).")] = Path(
+        "results"
+    ),
     device: DeviceOpt = "auto",
-    seeds: Annotated[Optional[str], typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
 ) -> None:
     """Images to table: train-weak and extract where missing, then the grid, the table and the plots."""
     from cpl_cache.reproduce import ReproduceConfig, reproduce
@@ -455,9 +486,9 @@ def reproduce_cmd(
 
 @command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="Folder for the synthetic data, checkpoints, cache and results.")] = Path(
-        "demo"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Folder for the synthetic data, checkpoints, cache and results.")
+    ] = Path("demo"),
     pipeline: Annotated[
         Path, typer.Option(help="Grid file (the demo's: Table 2's grid with enough steps for ~300 rows).")
     ] = Path("pipelines/demo.toml"),

@@ -73,8 +73,15 @@ def _train_weak(cfg: ReproduceConfig, domain: str, out: Path) -> None:
     # A folder without a split record is an unfinished run of ours: start it over.
     train_weak(
         WeakConfig(
-            domain=domain, data_root=cfg.data_root, model=cfg.weak_model, out=out, dataset=cfg.dataset,
-            device=cfg.device, progress=cfg.progress, overwrite=True, **extra,
+            domain=domain,
+            data_root=cfg.data_root,
+            model=cfg.weak_model,
+            out=out,
+            dataset=cfg.dataset,
+            device=cfg.device,
+            progress=cfg.progress,
+            overwrite=True,
+            **extra,
         )  # fmt: skip
     )
 
@@ -87,9 +94,16 @@ def _extract(cfg: ReproduceConfig, domain: str, weak: Path) -> None:
         extra["batch_size"] = cfg.extract_batch_size
     run_extract(
         ExtractConfig(
-            domain=domain, data_root=cfg.data_root, weak=str(weak), cache_dir=cfg.cache_dir,
-            strong=cfg.strong, dataset=cfg.dataset, device=cfg.device, workers=cfg.workers,
-            progress=cfg.progress, **extra,
+            domain=domain,
+            data_root=cfg.data_root,
+            weak=str(weak),
+            cache_dir=cfg.cache_dir,
+            strong=cfg.strong,
+            dataset=cfg.dataset,
+            device=cfg.device,
+            workers=cfg.workers,
+            progress=cfg.progress,
+            **extra,
         )  # fmt: skip
     )
 
@@ -123,8 +137,12 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
 
     summary = run_pipeline(
         PipelineConfig(
-            pipeline=cfg.pipeline, cache_dir=cfg.cache_dir, results=cfg.results, device=cfg.device,
-            seeds=cfg.seeds, progress=cfg.progress,
+            pipeline=cfg.pipeline,
+            cache_dir=cfg.cache_dir,
+            results=cfg.results,
+            device=cfg.device,
+            seeds=cfg.seeds,
+            progress=cfg.progress,
         )  # fmt: skip
     )
     did["cells"] = summary.ran

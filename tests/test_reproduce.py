@@ -49,7 +49,9 @@ def test_second_run_does_no_work(config, monkeypatch):
         manifest = json.loads((config.cache_dir / domain / "manifest.json").read_text())
         assert manifest["complete"] and manifest["weak"]["id"] == str(config.weak_dir / domain)
     table = (config.results / "grid.md").read_text()
-    assert table == first["table"] and "| CPL |" in table and "| real | sketch |" in table.replace(" Avg |", "")
+    assert (
+        table == first["table"] and "| CPL |" in table and "| real | sketch |" in table.replace(" Avg |", "")
+    )
     assert [p.name for p in first["plots"]] == ["curves-real.png", "curves-sketch.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in first["plots"])
 
