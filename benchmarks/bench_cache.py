@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=172_500)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--classes", type=int, default=345)
-    ap.add_argument("--shard-size", type=int, default=50_000, help="rows per shard (extract's default)")
+    ap.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (extract's default)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("bench-results/cache.json"))
     ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp folder)")
