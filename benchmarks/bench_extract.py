@@ -69,16 +69,6 @@ def write_images(root: Path, n: int, unique: int, min_size: int, max_size: int, 
     return classes
 
 
-def _byte_vocab() -> dict[str, int]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = [bytes_to_unicode()[b] for b in range(256)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab[s] = len(vocab)
-    return vocab
-
-
 def write_models(out: Path, classes: list[str], strong_size: str, weak_size: str) -> tuple[str, str]:
     """Random-weight checkpoints with the real image sizes; the text tower is kept tiny (345 prompts)."""
     import torch
@@ -93,6 +83,8 @@ def write_models(out: Path, classes: list[str], strong_size: str, weak_size: str
     )
 
     torch.manual_seed(0)
+    from cpl_cache.synth.models import _byte_vocab
+
     vocab = _byte_vocab()
     text = dict(
         vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,

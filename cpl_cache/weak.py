@@ -12,14 +12,12 @@ by test accuracy would leak the test set.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shlex
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import numpy as np
 
 from cpl_cache.datasets import ImageList, check_files, load_dataset, load_rgb
 from cpl_cache.errors import UserError
+from cpl_cache.runtime import quiet_saving
 
 SPLIT_RECORD = "split.json"
 TRAIN_RECORD = "train_record.json"
@@ -420,26 +419,12 @@ def train_weak(cfg: WeakConfig) -> dict[str, Any]:
     return record
 
 
-@contextlib.contextmanager
-def _quiet_saving() -> Iterator[None]:
-    """Hide transformers' per-shard progress bar while saving (train-weak has its own output)."""
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
-
-
 def _save(out: Path, model: Any, processor: Any, split: dict, record: dict, overwrite: bool) -> None:
     """Write the checkpoint beside `out`, then move it into place: a crash never leaves half a model."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_saving():
+    with quiet_saving():
         model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / SPLIT_RECORD).write_text(json.dumps(split, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -9,17 +9,15 @@ import math
 import shutil
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from cpl_cache.cache import SPLIT_CODES, load_domain
+from cpl_cache.cache import load_domain
 from cpl_cache.cli import app
 from cpl_cache.methods import METHODS
-from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.heads import get_head
 from cpl_cache.train.prompt import PromptHead
 from cpl_cache.train.trainer import TrainConfig, run_training
@@ -52,14 +50,7 @@ def permuted(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cache with the ground-truth labels of its train and hold rows shuffled."""
     root = tmp_path_factory.mktemp("tp-permuted")
     shutil.copytree(cache / DOMAIN, root / DOMAIN)
-    rng = np.random.default_rng(0)
-    for shard in sorted((root / DOMAIN).glob("shard-*.h5")):
-        with h5py.File(shard, "r+") as f:
-            split, labels = f["split"][:], f["labels"][:]
-            for code in (SPLIT_CODES["train"], SPLIT_CODES["hold"]):
-                rows = np.flatnonzero(split == code)
-                labels[rows] = labels[rng.permutation(rows)]
-            f["labels"][:] = labels
+    permute_ground_truth(root / DOMAIN, seed=0)
     return root
 
 

@@ -8,11 +8,11 @@ class name without a trained vocabulary.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cpl_cache.runtime import quiet_saving
 
 CLIP_DIR = "clip-tiny"
 RESNET_DIR = "resnet-tiny"
@@ -55,20 +55,6 @@ def _byte_vocab() -> dict[str, int]:
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab[s] = len(vocab)
     return vocab
-
-
-@contextlib.contextmanager
-def quiet_saving() -> Iterator[None]:
-    """Hide transformers' per-shard progress bars while saving a checkpoint of a few kilobytes."""
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
 
 
 def pretrain_clip(model: Any, processor: Any, classes: list[str], cfg: PretrainConfig, seed: int) -> dict:

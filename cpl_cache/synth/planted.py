@@ -176,3 +176,20 @@ def write_planted_cache(
     write_manifest(ddir, manifest)
     total = sum(counts.values())
     return {"rows": total, "shards": len(manifest["shards"]), "weak_acc": n_right / max(total, 1)}
+
+
+def permute_ground_truth(ddir: Path, seed: int = 0) -> None:
+    """Shuffle the ground-truth labels of the train and hold rows of a cached domain, in place.
+
+    Weak-supervised results must not change (they never read those labels); ceilings must.
+    """
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    for shard in sorted(Path(ddir).glob("shard-*.h5")):
+        with h5py.File(shard, "r+") as f:
+            split, labels = f["split"][:], f["labels"][:]
+            for code in (SPLIT_CODES["train"], SPLIT_CODES["hold"]):
+                rows = np.flatnonzero(split == code)
+                labels[rows] = labels[rng.permutation(rows)]
+            f["labels"][:] = labels
