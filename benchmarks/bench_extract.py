@@ -150,6 +150,9 @@ def main() -> None:
         "--work-dir", type=Path, default=None, help="where images and the cache go (default: tmp)"
     )
     args = ap.parse_args()
+    if args.images < 4 * args.batch_size:
+        # Rates are taken over the second half of the rows: it needs a few batches to time.
+        ap.error(f"--images must be at least 4 x --batch-size ({4 * args.batch_size})")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
