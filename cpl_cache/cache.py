@@ -171,8 +171,17 @@ def write_shard(path: Path, rows: dict[str, Any]) -> int:
         f.create_dataset("paths", data=list(rows["paths"]), dtype=h5py.string_dtype("utf-8"))
         f.attrs["schema"] = SCHEMA_VERSION
         f.attrs["rows"] = n
+    _fsync(tmp)  # on disk before it is renamed and listed: a power cut never lists an empty shard
     os.replace(tmp, path)
     return n
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
