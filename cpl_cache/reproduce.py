@@ -82,7 +82,7 @@ def _train_weak(cfg: ReproduceConfig, domain: str, out: Path) -> None:
             progress=cfg.progress,
             overwrite=True,
             **extra,
-        )  # fmt: skip
+        )
     )
 
 
@@ -104,7 +104,7 @@ def _extract(cfg: ReproduceConfig, domain: str, weak: Path) -> None:
             workers=cfg.workers,
             progress=cfg.progress,
             **extra,
-        )  # fmt: skip
+        )
     )
 
 
@@ -143,7 +143,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
             device=cfg.device,
             seeds=cfg.seeds,
             progress=cfg.progress,
-        )  # fmt: skip
+        )
     )
     did["cells"] = summary.ran
     _say(f"cpl-cache: {summary.line()}")
