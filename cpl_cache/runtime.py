@@ -11,18 +11,21 @@ from cpl_cache.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> str:
-    """Map `auto` to CUDA when present, else CPU; refuse a CUDA device that is not there."""
+    """Map `auto` to CUDA when present, else CPU; refuse a CUDA device that is not there.
+
+    Under torchrun (LOCAL_RANK set), `auto` and `cuda` give each local rank its own GPU, sharing
+    them round-robin when there are fewer GPUs than ranks.
+    """
     import torch
 
     if name == "auto":
-        if torch.cuda.is_available():
-            rank = int(os.environ.get("LOCAL_RANK", 0))
-            return f"cuda:{rank}" if torch.cuda.device_count() > 1 else "cuda"
-        return "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available; pass --device cpu or auto")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return name
 
 
@@ -37,14 +40,18 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def quiet_saving() -> Iterator[None]:
-    """Hide transformers' per-shard progress bars while saving a checkpoint (commands print their own)."""
+def quiet_transformers(*, errors_only: bool = False) -> Iterator[None]:
+    """Hide transformers' per-file progress bars while loading or saving (commands print their own);
+    with `errors_only`, its warnings too (e.g. weights skipped on purpose)."""
     from transformers.utils import logging
 
-    was = logging.is_progress_bar_enabled()
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()
+    if errors_only:
+        logging.set_verbosity_error()
     try:
         yield
     finally:
-        if was:
+        logging.set_verbosity(verbosity)
+        if bars:
             logging.enable_progress_bar()

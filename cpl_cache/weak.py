@@ -26,7 +26,7 @@ import numpy as np
 
 from cpl_cache.datasets import ImageList, check_files, load_dataset, load_rgb
 from cpl_cache.errors import UserError
-from cpl_cache.runtime import quiet_saving
+from cpl_cache.runtime import quiet_transformers
 
 SPLIT_RECORD = "split.json"
 TRAIN_RECORD = "train_record.json"
@@ -424,7 +424,7 @@ def _save(out: Path, model: Any, processor: Any, split: dict, record: dict, over
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_saving():
+    with quiet_transformers():
         model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / SPLIT_RECORD).write_text(json.dumps(split, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

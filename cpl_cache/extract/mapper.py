@@ -119,18 +119,14 @@ class Mapper:
     def __init__(self, strong: str, weak: str, plans: tuple[ImagePlan, ImagePlan], device: str):
         import torch
         from transformers import AutoModelForImageClassification, CLIPModel
-        from transformers.utils import logging
+
+        from cpl_cache.runtime import quiet_transformers
 
         self.device = torch.device(device)
         self.plans = plans
-        bars = logging.is_progress_bar_enabled()
-        logging.disable_progress_bar()  # one bar per weight file is noise next to the extract bar
-        try:
+        with quiet_transformers():  # one bar per weight file is noise next to the extract bar
             self.clip = _load("strong", CLIPModel, strong).to(self.device)
             self.weak = _load("weak", AutoModelForImageClassification, weak).to(self.device)
-        finally:
-            if bars:
-                logging.enable_progress_bar()
         self.strong_id = strong
         self.autocast = self.device.type == "cuda"
         if self.autocast:

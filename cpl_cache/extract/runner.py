@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cpl_cache.cache import SPLIT_CODES, domain_dir, new_manifest, read_manifest, write_text
+from cpl_cache.cache import SPLIT_CODES, TEXT_FILE, domain_dir, new_manifest, read_manifest, write_text
 from cpl_cache.errors import UserError
 from cpl_cache.extract.reader import RESIZE_BACKENDS
 
@@ -116,15 +116,6 @@ def default_workers(local_world: int) -> int:
     return max(1, min(cores, 16) // max(1, local_world))
 
 
-def _device(name: str, dist: Dist) -> str:
-    from cpl_cache.runtime import resolve_device
-
-    device = resolve_device(name)
-    if device == "cuda" and dist.world > 1:
-        device = f"cuda:{dist.local_rank}"
-    return device
-
-
 def _say(dist: Dist, msg: str) -> None:
     if dist.rank == 0:
         print(msg, file=sys.stderr, flush=True)
@@ -144,6 +135,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
 
     from cpl_cache.datasets import load_dataset, prompt_for
     from cpl_cache.extract import mapper, reader, writer
+    from cpl_cache.runtime import resolve_device
 
     t0 = time.perf_counter()
     images = load_dataset(
@@ -171,7 +163,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
         mapper.load_image_processor("weak", cfg.weak),
     )
     plans = mapper.plans_for(*processors, resize=cfg.resize)
-    device = _device(cfg.device, dist)
+    device = resolve_device(cfg.device)
 
     dim, k = int(strong_cfg.projection_dim), len(images.classes)
     counts = {name: int(np.count_nonzero(images.split == code)) for name, code in SPLIT_CODES.items()}
@@ -212,7 +204,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
     models = mapper.Mapper(cfg.strong, cfg.weak, plans, device)
-    if dist.rank == 0 and (not (ddir / "text.h5").is_file() or not done):
+    if dist.rank == 0 and (not (ddir / TEXT_FILE).is_file() or not done):
         prompts = [prompt_for(c) for c in images.classes]
         text, scale, token_ids, prefix_len = models.text(prompts)
         write_text(ddir, text, prompts, scale, token_ids=token_ids, prefix_len=prefix_len)

@@ -111,13 +111,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     raise ValueError(shape)
 
 
-def _hue(label: int, k: int, jitter: float = 0.0) -> tuple[int, int, int]:
+def _hue(label: int, jitter: float = 0.0) -> tuple[int, int, int]:
     h = (label * 0.618034 + jitter) % 1.0
     r, g, b = colorsys.hsv_to_rgb(h, 0.85, 0.9)
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _draw(domain: str, label: int, k: int, rng: np.random.Generator, size: tuple[int, int]):
+def _draw(domain: str, label: int, rng: np.random.Generator, size: tuple[int, int]):
     """One image of class `label` in the style of `domain` (a PIL image, RGB or L)."""
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -126,7 +126,7 @@ def _draw(domain: str, label: int, k: int, rng: np.random.Generator, size: tuple
     copies = 1 + (label // len(SHAPES)) % 2  # classes beyond the shape list differ by count too
     # The hue leans towards the class's but wanders far enough that colour alone is a weak cue: the
     # shape is what a model must learn.
-    color = _hue(label, k, rng.normal(0.0, HUE_JITTER))
+    color = _hue(label, rng.normal(0.0, HUE_JITTER))
     r = min(w, h) * rng.uniform(0.22, 0.32) / copies**0.5
     rot = rng.uniform(-0.35, 0.35)
     centers = []
@@ -198,7 +198,7 @@ def draw_pretraining(
     for i, (d, label) in enumerate(zip(domains.tolist(), labels.tolist(), strict=True)):
         rng = np.random.default_rng([seed, PRETRAIN_STREAM, d, label, i])
         size = (int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1)))
-        out.append((_draw(DOMAINS[d], label, k, rng, size).convert("RGB"), label, DOMAINS[d]))
+        out.append((_draw(DOMAINS[d], label, rng, size).convert("RGB"), label, DOMAINS[d]))
     return out
 
 
@@ -240,7 +240,7 @@ def write_images(root: Path, cfg: ImageSetConfig) -> dict[str, dict[str, int]]:
                 rng = np.random.default_rng([cfg.seed, dom_idx, label, i])
                 size = (int(rng.integers(cfg.min_size, cfg.max_size + 1)),
                         int(rng.integers(cfg.min_size, cfg.max_size + 1)))  # fmt: skip
-                im = _draw(domain, label, k, rng, size)
+                im = _draw(domain, label, rng, size)
                 trap = traps.get(domain) if (label == 0 and i == 0) else None
                 fname = f"{domain}_{label:03d}_{i:06d}.{EXT[domain]}"
                 (folder / fname).write_bytes(_encode(im, domain, trap))

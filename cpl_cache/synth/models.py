@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpl_cache.runtime import quiet_saving
+from cpl_cache.runtime import quiet_transformers
 
 CLIP_DIR = "clip-tiny"
 RESNET_DIR = "resnet-tiny"
@@ -169,7 +169,7 @@ def write_clip(
         if not classes:
             raise ValueError("pretraining needs the class names")
         pretrain_clip(model, processor, classes, pretrain, seed)
-    with quiet_saving():
+    with quiet_transformers():
         model.save_pretrained(out)
     return out
 
@@ -188,7 +188,7 @@ def write_resnet(out: Path, classes: list[str], *, seed: int = 0, image_size: in
     torch.manual_seed(seed)
     model = ResNetForImageClassification(config).eval()
     out.mkdir(parents=True, exist_ok=True)
-    with quiet_saving():
+    with quiet_transformers():
         model.save_pretrained(out)
     ConvNextImageProcessorPil(size={"shortest_edge": image_size}, crop_pct=0.875).save_pretrained(out)
     return out

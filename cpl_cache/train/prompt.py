@@ -63,21 +63,21 @@ def load_text_tower(strong_id: str, device: str | torch.device = "cpu") -> nn.Mo
     of the full config), not the text config's default.
     """
     from transformers import AutoConfig, CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection
-    from transformers.utils import logging
 
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()  # the vision weights of a full CLIP checkpoint are skipped on purpose
-    logging.disable_progress_bar()
+    from cpl_cache.runtime import quiet_transformers
+
+    # errors_only: the vision weights of a full CLIP checkpoint are skipped on purpose
     try:
-        config = AutoConfig.from_pretrained(strong_id)
-        if isinstance(config, CLIPConfig):
-            text_config = config.text_config
-            text_config.projection_dim = config.projection_dim
-        elif isinstance(config, CLIPTextConfig):
-            text_config = config
-        else:
-            raise ValueError(f"it is a {type(config).__name__}, not a CLIP model")
-        tower = CLIPTextModelWithProjection.from_pretrained(strong_id, config=text_config)
+        with quiet_transformers(errors_only=True):
+            config = AutoConfig.from_pretrained(strong_id)
+            if isinstance(config, CLIPConfig):
+                text_config = config.text_config
+                text_config.projection_dim = config.projection_dim
+            elif isinstance(config, CLIPTextConfig):
+                text_config = config
+            else:
+                raise ValueError(f"it is a {type(config).__name__}, not a CLIP model")
+            tower = CLIPTextModelWithProjection.from_pretrained(strong_id, config=text_config)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -85,10 +85,6 @@ def load_text_tower(strong_id: str, device: str | torch.device = "cpu") -> nn.Mo
             f"which could not be loaded ({reason[:160]}); run where it is on disk (or downloadable), "
             "or pick a head that needs no text encoder (--head proto or linear)"
         ) from None
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
     tower.requires_grad_(False)
     return tower.eval().to(device)
 
