@@ -203,6 +203,8 @@ class ShardWriter:
     _buffered: int = 0
 
     def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
         self.ddir = Path(self.ddir)
         self.ddir.mkdir(parents=True, exist_ok=True)
 
@@ -281,6 +283,7 @@ def write_text(
         f.attrs["logit_scale"] = float(logit_scale)
         if prefix_len is not None:
             f.attrs["prefix_len"] = int(prefix_len)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 

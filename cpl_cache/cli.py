@@ -31,7 +31,7 @@ app = typer.Typer(
 
 
 def command(name: str | None = None):
-    """Register a command whose UserError ends as one line on stderr and exit status 2."""
+    """Register a command whose UserError (or OSError on a path) ends as one line on stderr, exit 2."""
 
     def deco(fn):
         @functools.wraps(fn)
@@ -40,6 +40,14 @@ def command(name: str | None = None):
                 return fn(*args, **kwargs)
             except UserError as err:
                 typer.echo(f"cpl-cache: error: {err}", err=True)
+                raise typer.Exit(2) from None
+            except OSError as err:  # an unwritable or vanished path the user gave: same one line
+                where = f" ({err.filename})" if err.filename else ""
+                typer.echo(
+                    f"cpl-cache: error: {err.strerror or err}{where}; check that the path exists and is "
+                    "writable, or pass another one",
+                    err=True,
+                )
                 raise typer.Exit(2) from None
 
         app.command(name)(wrapped)
@@ -497,11 +505,15 @@ def demo_cmd(
     """The whole pipeline on synthetic DomainNet-layout images and tiny models: offline, minutes on a CPU."""
     import torch
 
+    from cpl_cache.pipeline import load_grid
     from cpl_cache.reproduce import ReproduceConfig, reproduce
 
     # Every network here is tiny: one thread is as fast as several on an idle CPU, and many times
     # faster on a busy one, where threads of small ops wait on each other.
     torch.set_num_threads(1)
+    if not pipeline.is_file():  # a bad grid fails before minutes of synthesis, not after
+        raise UserError(f"grid file {pipeline} not found; pass one such as pipelines/demo.toml")
+    load_grid(pipeline)
     if not (out / "models" / "resnet-tiny" / "preprocessor_config.json").is_file():  # synth's last file
         from cpl_cache.synth.images import ImageSetConfig, synthesize
         from cpl_cache.synth.models import PretrainConfig

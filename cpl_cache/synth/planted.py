@@ -113,6 +113,8 @@ def write_planted_cache(
         raise UserError("a planted cache needs at least 2 classes and 2 dimensions")
     if not 0.0 <= cfg.weak_acc <= 1.0:
         raise UserError(f"--weak-acc must lie in [0, 1], got {cfg.weak_acc}")
+    if min(cfg.n_train, cfg.n_hold, cfg.n_test) < 0 or cfg.shard_size < 1:
+        raise UserError("--train, --test and --hold must be 0 or more, and --shard-size at least 1")
     ddir = domain_dir(cache_dir, cfg.domain)
     if (ddir / MANIFEST).exists():
         if not overwrite:

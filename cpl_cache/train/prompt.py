@@ -13,6 +13,7 @@ head reproduces the cache's zero-shot prompts exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -232,6 +233,13 @@ def build_prompt_head(
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=2)
+def _shared_tower(strong_id: str, device: str) -> nn.Module:
+    """One frozen text tower per checkpoint and device for a process: a grid's many prompt-head cells
+    share it instead of reading the checkpoint again for each (nothing trains or moves it)."""
+    return load_text_tower(strong_id, device)
+
+
 def make_prompt_head(
     strong_id: str,
     token_ids: Tensor | np.ndarray | None,
@@ -256,7 +264,7 @@ def make_prompt_head(
     if init not in INITS:
         raise UserError(f"unknown prompt init {init!r}; choose one of: {', '.join(INITS)}")
     token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
-    tower = load_text_tower(strong_id, device)
+    tower = _shared_tower(strong_id, str(device))
     if prefix_len is None:
         prefix_len = _phrase_length(strong_id, token_ids)
     head = PromptHead(tower, token_ids, int(prefix_len), logit_scale, n_ctx, init, generator=generator)

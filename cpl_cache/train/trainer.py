@@ -247,7 +247,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
             }
 
         if method.trains and hp.epochs > 0:
-            if hp.targets == "truth":
+            if method.uses_ground_truth:
                 y_train = data.labels[train].to(device)
                 if bool((y_train < 0).any() or (y_train >= K).any()):
                     raise UserError(
