@@ -43,8 +43,19 @@ def base_method(method: str) -> str:
 
 
 def method_kind(method: str) -> str:
-    """`reference` (weak, zero-shot: no training), `ceiling` (ground truth) or `weak-supervised`."""
+    """`reference` (weak, zero-shot: no training), `ceiling` (ground truth) or `weak-supervised`.
+
+    The registry says which a method is; a name it does not know (results of a method since removed)
+    is judged by its name.
+    """
+    from cpl_cache.train.methods import METHODS  # torch-free
+
     method = base_method(method)
+    registered = METHODS.get(method)
+    if registered is not None:
+        if not registered.trains:
+            return "reference"
+        return "ceiling" if registered.uses_ground_truth else "weak-supervised"
     if method in (WEAK, ZEROSHOT):
         return "reference"
     if method == CEILING or method.startswith(CEILING + "-"):
