@@ -19,7 +19,6 @@ import numpy as np
 from cpl_cache.cache import (
     MANIFEST,
     TEXT_FILE,
-    ShardWriter,
     atomic_write_text,
     shard_name,
     write_manifest,
@@ -162,8 +161,7 @@ class ShardSink:
         self.labels, self.split, self.paths = labels, split, paths
         self.dim, self.num_classes = dim, num_classes
         self.prefix = shard_prefix(rank, world)
-        # Shards are cut at fixed ranges, never by count, so the writer's own cut is set out of reach.
-        self.writer = ShardWriter(ddir, dim, num_classes, shard_size=2**62, prefix=self.prefix)
+        self._chunks: list[dict[str, Any]] = []  # the open shard's batches (shards are cut at fixed ranges)
         self.skipped: list[dict[str, Any]] = []
         self.write_seconds = 0.0  # buffering, shard files and manifest updates (the benchmark reports it)
         self.progress: dict[str, Any] = {"rank": rank, "world_size": world, "shards": [], "skipped": []}
@@ -174,9 +172,9 @@ class ShardSink:
         remove_temporaries(ddir, (f".{self.prefix}-*.h5.tmp-*", f".{progress_path(ddir, rank).name}.tmp-*"))
 
     def add(self, shard: int, rows: np.ndarray, embeds: np.ndarray, logits: np.ndarray) -> None:
-        if len(rows):
-            t = time.perf_counter()
-            self.writer.add(
+        t = time.perf_counter()
+        self._chunks.append(
+            dict(
                 image_embeds=embeds,
                 weak_logits=logits,
                 labels=self.labels[rows],
@@ -184,19 +182,13 @@ class ShardSink:
                 index=rows,
                 paths=[self.paths[r] for r in rows],
             )
-            self.write_seconds += time.perf_counter() - t
+        )
+        self.write_seconds += time.perf_counter() - t
 
-    def skip(self, row: int, reason: str) -> None:
-        self.skipped.append({"path": self.paths[row], "index": int(row), "reason": reason})
-
-    def close_shard(self, number: int) -> dict[str, Any]:
-        """Write shard `number` (maybe short, or empty if every image in it was skipped) and record it."""
-        t = time.perf_counter()
-        self.writer.next_shard = number
-        entry = self.writer.flush()
-        if entry is None:
-            name = shard_name(number, self.prefix)
-            empty = {
+    def _shard_rows(self) -> dict[str, Any]:
+        """The open shard's rows in one piece (zero rows if every image in it was skipped)."""
+        if not self._chunks:
+            return {
                 "image_embeds": np.zeros((0, self.dim)),
                 "weak_logits": np.zeros((0, self.num_classes)),
                 "labels": np.zeros(0),
@@ -204,7 +196,19 @@ class ShardSink:
                 "index": np.zeros(0),
                 "paths": [],
             }
-            entry = {"file": name, "rows": write_shard(self.ddir / name, empty)}
+        rows = {k: np.concatenate([c[k] for c in self._chunks]) for k in self._chunks[0] if k != "paths"}
+        rows["paths"] = [p for c in self._chunks for p in c["paths"]]
+        return rows
+
+    def skip(self, row: int, reason: str) -> None:
+        self.skipped.append({"path": self.paths[row], "index": int(row), "reason": reason})
+
+    def close_shard(self, number: int) -> dict[str, Any]:
+        """Write shard `number` (maybe short, or empty if every image in it was skipped) and record it."""
+        t = time.perf_counter()
+        name = shard_name(number, self.prefix)
+        entry = {"file": name, "rows": write_shard(self.ddir / name, self._shard_rows())}
+        self._chunks = []
         a, b = self.ranges[number]
         entry.update(rank=self.rank, number=number, range=[a, b])
         skipped, self.skipped = self.skipped, []
