@@ -68,6 +68,9 @@ def main() -> None:
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Root folder of the feature cache.")]
 DomainOpt = Annotated[str, typer.Option("--domain", help="Domain name, e.g. quickdraw.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+GridArg = Annotated[Path, typer.Argument(help="Grid file, e.g. pipelines/table2.toml.")]
+SeedsOpt = Annotated[str | None, typer.Option(help="Only these seeds (comma list), e.g. 0.")]
+SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the hold/test split.")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def extract_cmd(
     device: DeviceOpt = "auto",
     shard_size: Annotated[int, typer.Option("--shard-size", help="Rows per shard (resume unit).")] = 10_000,
     hold_frac: Annotated[float, typer.Option("--hold-frac", help="Share of the test list in hold.")] = 0.5,
-    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the hold/test split.")] = 0,
+    split_seed: SplitSeedOpt = 0,
     on_bad_image: Annotated[
         OnBadImage, typer.Option("--on-bad-image", help="error: stop at an unreadable image; skip: note it.")
     ] = OnBadImage.error,
@@ -263,7 +266,7 @@ def train_weak_cmd(
     hold_frac: Annotated[
         float, typer.Option(help="Share of hold in the images outside train (DomainNet: the test list).")
     ] = 0.5,
-    split_seed: Annotated[int, typer.Option(help="Seed of the hold/test split.")] = 0,
+    split_seed: SplitSeedOpt = 0,
     seed: Annotated[int, typer.Option(help="Seed of the new head, batch order and augmentation.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes that decode images.")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint already in --out.")] = False,
@@ -388,12 +391,12 @@ ResultsDir = Annotated[
 
 @command("run")
 def run_cmd(
-    pipeline: Annotated[Path, typer.Argument(help="Grid file, e.g. pipelines/table2.toml.")],
+    pipeline: GridArg,
     cache_dir: CacheDir,
     results: ResultsDir = Path("results"),
     device: DeviceOpt = "auto",
     domains: Annotated[str | None, typer.Option(help="Only these domains (comma list).")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
+    seeds: SeedsOpt = None,
     methods: Annotated[str | None, typer.Option(help="Only these methods (comma list).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over the cells.")] = True,
 ) -> None:
@@ -456,9 +459,7 @@ DEMO_WEAK_WORKERS = 0  # 100 small images an epoch: starting loader processes ea
 
 @command("reproduce")
 def reproduce_cmd(
-    pipeline: Annotated[Path, typer.Argument(help="Grid file, e.g. pipelines/table2.toml.")] = Path(
-        "pipelines/table2.toml"
-    ),
+    pipeline: GridArg = Path("pipelines/table2.toml"),
     data_root: Annotated[Path, typer.Option(help="Dataset root, laid out as --dataset says.")] = Path(
         "data/domainnet"
     ),
@@ -478,7 +479,7 @@ def reproduce_cmd(
         "results"
     ),
     device: DeviceOpt = "auto",
-    seeds: Annotated[str | None, typer.Option(help="Only these seeds (comma list), e.g. 0.")] = None,
+    seeds: SeedsOpt = None,
 ) -> None:
     """Images to table: train-weak and extract where missing, then the grid, the table and the plots."""
     from cpl_cache.reproduce import ReproduceConfig, reproduce
