@@ -116,21 +116,44 @@ def stratified_split(labels: np.ndarray, hold_frac: float, seed: int) -> np.ndar
     moves another class's assignment. The fractional part of `hold_frac * n` is rounded up or down
     at random (with that probability), so odd class sizes do not bias the totals toward one side.
     """
-    if not 0.0 <= hold_frac <= 1.0:
-        raise UserError(f"--hold-frac must be between 0 and 1, got {hold_frac}")
+    mask = np.zeros(len(labels), dtype=bool)
+    for rows, (n_hold,) in _seeded_class_draws(labels, seed, (("--hold-frac", hold_frac),)):
+        mask[rows[:n_hold]] = True
+    return mask
+
+
+def _seeded_class_draws(
+    labels: np.ndarray, seed: int, shares: tuple[tuple[str, float], ...]
+) -> list[tuple[np.ndarray, list[int]]]:
+    """Per class, its rows in a seeded order and how many of them each share takes, in turn.
+
+    Each class draws from its own generator `default_rng([seed, class])`: first one uniform number
+    per share, which rounds `share * rows left` up or down at random with the probability of its
+    fractional part (so odd class sizes do not bias totals), then one permutation of the class's rows.
+    A share applies to the rows the shares before it left. `shares` pairs each fraction with the name
+    a message gives it; every fraction must lie in [0, 1] and the seed must be non-negative.
+    """
+    for name, frac in shares:
+        if not 0.0 <= frac <= 1.0:
+            raise UserError(f"{name} must be between 0 and 1, got {frac}")
     if seed < 0:
         raise UserError(f"--split-seed must be a non-negative integer, got {seed}")
     labels = np.asarray(labels)
-    mask = np.zeros(len(labels), dtype=bool)
+    draws = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng = np.random.default_rng([int(seed), int(c)])
-        exact = hold_frac * len(idx)
-        n_hold = int(np.floor(exact))
-        if rng.random() < exact - n_hold:
-            n_hold += 1
-        mask[idx[rng.permutation(len(idx))[:n_hold]]] = True
-    return mask
+        counts: list[int] = []
+        left = len(idx)
+        for _, frac in shares:
+            exact = frac * left
+            n = int(np.floor(exact))
+            if rng.random() < exact - n:
+                n += 1
+            counts.append(n)
+            left -= n
+        draws.append((idx[rng.permutation(len(idx))], counts))
+    return draws
 
 
 def _read_list(path: Path, domain: str) -> tuple[list[str], list[int], list[str]]:
@@ -261,27 +284,11 @@ def split_three_ways(
     random with that probability, as in `stratified_split`. Rows are taken in the order given, so
     callers pass them in a canonical (sorted) order.
     """
-    if not 0.0 <= train_frac <= 1.0:
-        raise UserError(f"the train share must be between 0 and 1, got {train_frac}")
-    if not 0.0 <= hold_frac <= 1.0:
-        raise UserError(f"--hold-frac must be between 0 and 1, got {hold_frac}")
-    if seed < 0:
-        raise UserError(f"--split-seed must be a non-negative integer, got {seed}")
-    labels = np.asarray(labels)
     codes = np.full(len(labels), SPLIT_CODES["test"], dtype=np.uint8)
-
-    def draw(rng: np.random.Generator, exact: float) -> int:
-        n = int(np.floor(exact))
-        return n + 1 if rng.random() < exact - n else n
-
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng = np.random.default_rng([int(seed), int(c)])
-        n_train = draw(rng, train_frac * len(idx))
-        n_hold = draw(rng, hold_frac * (len(idx) - n_train))
-        perm = idx[rng.permutation(len(idx))]
-        codes[perm[:n_train]] = SPLIT_CODES["train"]
-        codes[perm[n_train : n_train + n_hold]] = SPLIT_CODES["hold"]
+    shares = (("the train share", train_frac), ("--hold-frac", hold_frac))
+    for rows, (n_train, n_hold) in _seeded_class_draws(labels, seed, shares):
+        codes[rows[:n_train]] = SPLIT_CODES["train"]
+        codes[rows[n_train : n_train + n_hold]] = SPLIT_CODES["hold"]
     return codes
 
 

@@ -138,6 +138,21 @@ def _reference_counts(labels, hold_frac):
     }
 
 
+def _hold_by_hand(labels, hold_frac, seed):
+    """The documented rule written out class by class: default_rng([seed, class]) draws one uniform
+    number, which rounds hold_frac * n up with the probability of its fractional part, then one
+    permutation whose head is hold. Pins the draws, so a split (and its hold_hash) never moves."""
+    hold = [False] * len(labels)
+    for c in sorted(set(labels)):
+        rows = [i for i, lab in enumerate(labels) if lab == c]
+        rng = np.random.default_rng([seed, c])
+        n_hold = int(hold_frac * len(rows) // 1)
+        n_hold += rng.random() < hold_frac * len(rows) - n_hold
+        for j in rng.permutation(len(rows))[:n_hold]:
+            hold[rows[j]] = True
+    return hold
+
+
 @pytest.mark.parametrize("hold_frac", [0.0, 0.3, 0.5, 1.0])
 def test_split_is_stratified_deterministic_and_a_pure_function(hold_frac):
     rng = np.random.default_rng(0)
@@ -149,6 +164,7 @@ def test_split_is_stratified_deterministic_and_a_pure_function(hold_frac):
     random.seed(2)
     assert np.array_equal(mask, stratified_split(labels, hold_frac, seed=5))  # global state plays no part
     assert np.array_equal(labels, before) and mask.dtype == bool and mask.shape == labels.shape
+    assert mask.tolist() == _hold_by_hand(labels.tolist(), hold_frac, 5)
     for c, (lo, hi) in _reference_counts(labels, hold_frac).items():
         assert lo <= mask[labels == c].sum() <= hi
     if 0 < hold_frac < 1:
