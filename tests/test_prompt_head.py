@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from cpl_cache.cache import CachedDomain
 from cpl_cache.errors import UserError
-from cpl_cache.train.prompt import PromptHead, build_prompt_head, load_text_tower, prompt_token_ids
+from cpl_cache.train.heads import prompt_head
+from cpl_cache.train.prompt import PromptHead, load_text_tower, phrase_prefix_len, prompt_token_ids
 
 CLASSES = ["cat", "hot_dog", "the_great_wall_of_china", "t", "zigzag"]
 
@@ -79,6 +80,23 @@ def test_token_ids_hold_the_phrase_then_each_class_name(clip):
         assert row[: len(want)].tolist() == want
         assert (row[len(want) :] == tok.pad_token_id).all()
     assert ids[:, 1 : 1 + prefix_len].tolist() == [phrase] * len(CLASSES)
+
+
+def test_phrase_prefix_len_is_the_phrase_length_only_where_every_prompt_starts_with_it(clip):
+    tok, ids, prefix_len = clip["tok"], clip["ids"], clip["prefix_len"]
+    assert phrase_prefix_len(tok, ids) == prefix_len
+    assert phrase_prefix_len(tok, torch.from_numpy(ids)) == prefix_len  # as the prompt head holds them
+    other = ids.copy()
+    other[3, prefix_len] = tok.pad_token_id  # one prompt's last phrase token differs
+    assert phrase_prefix_len(tok, other) is None
+    assert phrase_prefix_len(tok, ids[:, :prefix_len]) is None  # too short to hold the phrase
+    an_image = tok(["an image of a cat."], return_tensors="np")["input_ids"]
+    assert phrase_prefix_len(tok, an_image) is None
+    assert phrase_prefix_len(tok, an_image, template="an image of a {}.") == len(
+        tok("an image of a", add_special_tokens=False)["input_ids"]
+    )
+    with pytest.raises(ValueError, match="do not start with the tokens of"):
+        prompt_token_ids(tok, CLASSES, template="a photo of a{}.")  # "a" glued to the name
 
 
 @pytest.mark.parametrize("stored", ["longest", "max_length"])
@@ -186,20 +204,24 @@ def test_build_from_a_cache_on_disk_reproduces_its_text_embeddings(clip, tmp_pat
     write_text(ddir, _reference_text(clip).numpy(), prompts, 100.0, token_ids=ids)
 
     data = load_domain(tmp_path, cfg.domain)
-    head = build_prompt_head(data, "cpu")  # prefix length read from the checkpoint's tokenizer
+    head = prompt_head(data)  # prefix length read from the checkpoint's tokenizer
     assert head.n_ctx == clip["prefix_len"]
     with torch.no_grad():
         assert torch.allclose(head.text_features(), data.text_embeds, atol=1e-5)
-    head16 = build_prompt_head(data, "cpu", init="random", n_ctx=16, prefix_len=clip["prefix_len"])
+    head16 = prompt_head(data, init="random", n_ctx=16)
     assert head16.ctx.shape == (16, 32) and [n for n, _ in head16.named_parameters()] == ["ctx"]
+    assert head16.n_ctx == 16 and prompt_head(data, n_ctx=16).n_ctx == clip["prefix_len"]
 
 
 def test_refusals_name_the_fix(clip, tmp_path):
     with pytest.raises(UserError, match="re-run extract with this version to store token ids"):
-        build_prompt_head(_domain(clip, None), "cpu")
+        prompt_head(_domain(clip, None))
     missing = tmp_path / "no-such-clip"
     with pytest.raises(UserError, match="needs the CLIP checkpoint the cache was extracted with"):
-        build_prompt_head(_domain(clip, torch.from_numpy(clip["ids"]), strong=str(missing)), "cpu")
+        prompt_head(_domain(clip, torch.from_numpy(clip["ids"]), strong=str(missing)))
+    other_template, _ = prompt_token_ids(clip["tok"], CLASSES, template="a photo of {}.")
+    with pytest.raises(UserError, match="do not start with 'a photo of a'; .* re-extract"):
+        prompt_head(_domain(clip, torch.from_numpy(other_template)))  # no prefix_len: the tokenizer checks
     with pytest.raises(UserError, match="use fewer context vectors"):
         _head(clip, init="random", n_ctx=70)
     with pytest.raises(UserError, match="unknown prompt init"):

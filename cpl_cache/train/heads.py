@@ -81,10 +81,14 @@ def linear_head(spec: Any, generator: torch.Generator | None = None) -> LinearHe
 PROMPT_INIT = "phrase"  # context vectors start as "a photo of a": the untrained head is the zero-shot one
 
 
-def prompt_head(spec: Any, generator: torch.Generator | None = None) -> nn.Module:
+def prompt_head(
+    spec: Any, generator: torch.Generator | None = None, *, init: str = PROMPT_INIT, n_ctx: int = 16
+) -> nn.Module:
     """CoOp (TP): context vectors before each class name, through the frozen text tower of the cache's CLIP.
 
-    Built on the CPU; the trainer's `.to(device)` moves the text tower with the head.
+    Built on the CPU; the trainer's `.to(device)` moves the text tower with the head. `init` and `n_ctx`
+    (the context length of `init="random"`; the phrase init has one vector per phrase token) are for
+    experiments: the registered methods use the defaults.
     """
     from cpl_cache.errors import UserError
     from cpl_cache.train.prompt import make_prompt_head
@@ -102,7 +106,8 @@ def prompt_head(spec: Any, generator: torch.Generator | None = None) -> nn.Modul
         getattr(spec, "token_ids", None),
         spec.logit_scale,
         prefix_len=getattr(spec, "prefix_len", None),
-        init=PROMPT_INIT,
+        n_ctx=n_ctx,
+        init=init,
         generator=generator,
     )
 

@@ -4,8 +4,8 @@ The baseline CPL avoids. Each class prompt "[SOS] ctx_1 ... ctx_M {class name} .
 the frozen text tower, all K classes together in one batch per step, and the logits are the logit
 scale times the cosine between image and text features. Only the M context vectors are trained.
 
-    head = build_prompt_head(load_domain(cache_dir, "quickdraw"), "cuda")   # ctx = "a photo of a"
-    logits = head(image_embeds)                                              # (B, K)
+    head = prompt_head(load_domain(cache_dir, "quickdraw"))   # cpl_cache.train.heads; ctx = "a photo of a"
+    logits = head(image_embeds)                                # (B, K)
 
 With `init="phrase"` the context vectors are the token embeddings of "a photo of a", so the untrained
 head reproduces the cache's zero-shot prompts exactly.
@@ -14,7 +14,7 @@ head reproduces the cache's zero-shot prompts exactly.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpl_cache.errors import UserError
-
-if TYPE_CHECKING:
-    from cpl_cache.cache import CachedDomain
 
 TEMPLATE = "a photo of a {}."
 INITS = ("phrase", "random")
@@ -39,6 +36,18 @@ def context_phrase(template: str = TEMPLATE) -> str:
     return template.split("{}")[0].strip()
 
 
+def phrase_prefix_len(tokenizer: Any, ids: np.ndarray | Tensor, template: str = TEMPLATE) -> int | None:
+    """How many tokens the context phrase of `template` spans after the start token, when every row of
+    `ids` (K, L) continues with exactly those tokens; None when some row does not (a template or
+    tokenizer the context vectors cannot stand in for). `ids` may be a CPU tensor.
+    """
+    phrase = tokenizer(context_phrase(template), add_special_tokens=False)["input_ids"]
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] < 1 + len(phrase):
+        return None
+    return len(phrase) if (ids[:, 1 : 1 + len(phrase)] == np.asarray(phrase, dtype=ids.dtype)).all() else None
+
+
 def prompt_token_ids(tokenizer: Any, classes: list[str], template: str = TEMPLATE) -> tuple[np.ndarray, int]:
     """Token ids (K, L) int64 of every class prompt, padded with CLIP's pad to the longest, and how
     many tokens the context phrase spans after the start token (`prefix_len`).
@@ -50,9 +59,8 @@ def prompt_token_ids(tokenizer: Any, classes: list[str], template: str = TEMPLAT
     prompts = [template.format(c.replace("_", " ")) for c in classes]
     enc = tokenizer(prompts, padding=True, truncation=True, return_tensors="np")
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    phrase_ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
-    prefix_len = len(phrase_ids)
-    if prefix_len and not (ids[:, 1 : 1 + prefix_len] == np.asarray(phrase_ids)).all():
+    prefix_len = phrase_prefix_len(tokenizer, ids, template)
+    if prefix_len is None:
         raise ValueError(f"prompts of {template!r} do not start with the tokens of {phrase!r}")
     return ids, prefix_len
 
@@ -106,6 +114,9 @@ class PromptHead(nn.Module):
     The tower is held outside the module tree, so `parameters()` and `state_dict()` hold `ctx` alone
     (and the fixed token embeddings); `.to()` still moves it. Under `torch.no_grad` the class features
     are reused until `ctx` changes, so evaluation in chunks costs one text pass.
+
+    `n_ctx` sets the number of context vectors of `init="random"`; `init="phrase"` takes one per token
+    of the phrase (`prefix_len`) whatever `n_ctx` says. `self.n_ctx` is the number in use either way.
     """
 
     def __init__(
@@ -212,27 +223,6 @@ class PromptHead(nn.Module):
         return f"n_ctx={self.n_ctx}, classes={self.num_classes}, scale={self.scale:g}"
 
 
-def build_prompt_head(
-    data: CachedDomain,
-    device: str | torch.device = "cpu",
-    n_ctx: int = 16,
-    init: str = "phrase",
-    prefix_len: int | None = None,
-    generator: torch.Generator | None = None,
-) -> PromptHead:
-    """The prompt head for a cached domain: its token ids, logit scale and the CLIP it was extracted with.
-
-    `prefix_len` (tokens of "a photo of a") comes from the argument, else the cache's `prefix_len`,
-    else the checkpoint's own tokenizer, which sits beside the text tower the head loads anyway.
-    """
-    if prefix_len is None:
-        prefix_len = getattr(data, "prefix_len", None)
-    return make_prompt_head(
-        str(data.manifest["strong"]["id"]), data.token_ids, data.logit_scale,
-        prefix_len=prefix_len, n_ctx=n_ctx, init=init, device=device, generator=generator,
-    )  # fmt: skip
-
-
 @functools.lru_cache(maxsize=2)
 def _shared_tower(strong_id: str, device: str) -> nn.Module:
     """One frozen text tower per checkpoint and device for a process: a grid's many prompt-head cells
@@ -282,10 +272,10 @@ def _phrase_length(strong_id: str, token_ids: Tensor) -> int:
             f"cannot read the tokenizer of {strong_id!r} to place the context vectors; "
             "re-run extract with this version to store the prompt layout"
         ) from None
-    phrase = tok(context_phrase(), add_special_tokens=False)["input_ids"]
-    if not (token_ids[:, 1 : 1 + len(phrase)] == torch.as_tensor(phrase)).all():
+    prefix_len = phrase_prefix_len(tok, token_ids)
+    if prefix_len is None:
         raise UserError(
             f"the cached prompts do not start with {context_phrase()!r}; the prompt head replaces that "
             "phrase, so re-extract with the default prompt template"
         )
-    return len(phrase)
+    return prefix_len
