@@ -33,8 +33,10 @@ from cpl_cache.cache import manifest_identity, read_manifest
 from cpl_cache.datasets import DATASETS
 from cpl_cache.errors import UserError
 
-# TrainConfig fields that a grid may not set: the pipeline itself decides them per cell.
-_CELL_FIELDS = frozenset({"method", "domain", "cache_dir", "out", "seed", "device"})
+# The hyperparameters a grid may override: every TrainConfig field but those the pipeline decides per
+# cell (method, domain, cache_dir, out, seed, device). Spelled out, in TrainConfig's order, so that
+# reading and checking a grid needs no torch; tests/test_pipeline.py holds it to TrainConfig.
+OVERRIDE_KEYS = ("head", "loss", "epochs", "lr", "batch_size")
 
 
 def _toml_loads(text: str) -> dict[str, Any]:
@@ -63,11 +65,6 @@ def _registry() -> Mapping[str, Any]:
     from cpl_cache.methods import METHODS
 
     return METHODS
-
-
-def _override_keys() -> list[str]:
-    """Hyperparameters a grid may override: every TrainConfig field the pipeline does not set."""
-    return [f.name for f in dataclasses.fields(_trainer().TrainConfig) if f.name not in _CELL_FIELDS]
 
 
 # ------------------------------------------------------------------------------------ the grid
@@ -139,7 +136,7 @@ def parse_grid(
 ) -> Grid:
     """Check a grid dict (as read from TOML) and turn it into a Grid; every problem is a UserError."""
     registry = _registry() if registry is None else registry
-    allowed = list(_override_keys() if override_keys is None else override_keys)
+    allowed = list(OVERRIDE_KEYS if override_keys is None else override_keys)
     top = ("dataset", "domains", "seeds", "methods", "cell", "defaults")
     unknown = sorted(set(data) - set(top))
     if unknown:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +133,31 @@ def test_bad_grid_files_are_refused(tmp_path: Path) -> None:
         load_grid(bad)
 
 
-def test_python_310_without_tomli_is_told_what_to_install(monkeypatch) -> None:
-    import sys
+def test_override_keys_are_the_train_config_fields_a_cell_does_not_set() -> None:
+    from cpl_cache.train.trainer import TrainConfig
 
+    per_cell = {"method", "domain", "cache_dir", "out", "seed", "device"}  # what plan() sets
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert per_cell <= set(fields)
+    assert [f for f in fields if f not in per_cell] == list(pipeline.OVERRIDE_KEYS)
+
+
+def test_reading_and_checking_a_grid_imports_no_torch() -> None:
+    """`run` and `reproduce` check their grid before anything slow; that check must not pull in torch."""
+    code = (
+        "import sys; from cpl_cache import pipeline; "
+        "pipeline.restrict(pipeline.load_grid(sys.argv[1]), methods=['cpl', 'kd-tp']); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, as the test process imports it
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "pipelines" / "table2.toml")],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_python_310_without_tomli_is_told_what_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tomllib", None)
     monkeypatch.setitem(sys.modules, "tomli", None)
     with pytest.raises(UserError, match="pip install tomli"):
