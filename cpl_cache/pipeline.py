@@ -194,7 +194,7 @@ def load_grid(path: Path | str, registry: Mapping[str, Any] | None = None) -> Gr
     """Read and check a grid file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"grid file {path} does not exist; pass a TOML grid such as pipelines/table2.toml")
+        raise UserError(f"grid file {path} not found; pass a TOML grid such as pipelines/table2.toml")
     try:
         data = _toml_loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:

@@ -114,8 +114,6 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     from cpl_cache.report import plot_curves, render_table
 
     t0 = time.perf_counter()
-    if not Path(cfg.pipeline).is_file():
-        raise UserError(f"grid file {cfg.pipeline} not found; pass one such as pipelines/table2.toml")
     grid = load_grid(cfg.pipeline)
     dataset = cfg.dataset or grid.dataset or "domainnet"
     if cfg.dataset and grid.dataset and cfg.dataset != grid.dataset:
