@@ -179,7 +179,7 @@ class Mapper:
         import torch
         from transformers import AutoTokenizer
 
-        from cpl_cache.train.prompt import context_phrase
+        from cpl_cache.train.prompt import phrase_prefix_len
 
         try:
             tok = AutoTokenizer.from_pretrained(self.strong_id)
@@ -196,9 +196,7 @@ class Mapper:
                 out.append((t / t.norm(dim=-1, keepdim=True)).cpu())
             scale = float(self.clip.logit_scale.exp().item())
         ids = enc["input_ids"].numpy().astype(np.int64)
-        phrase = tok(context_phrase(), add_special_tokens=False)["input_ids"]
-        starts = bool(phrase) and bool((ids[:, 1 : 1 + len(phrase)] == np.asarray(phrase)).all())
-        return torch.cat(out).numpy(), scale, ids, len(phrase) if starts else None
+        return torch.cat(out).numpy(), scale, ids, phrase_prefix_len(tok, ids)
 
 
 def plans_for(strong_processor: Any, weak_processor: Any, resize: str = "pil") -> tuple[ImagePlan, ImagePlan]:
