@@ -3,12 +3,14 @@ gradients, on random logits and at several points of training progress."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from cpl_cache.errors import UserError
 from cpl_cache.losses import LOSSES, get_loss
-from cpl_cache.train.losses import kd
+from cpl_cache.train.losses import LOGIT_GRADS, kd
 
 
 def softmax(z: torch.Tensor) -> torch.Tensor:
@@ -98,6 +100,24 @@ def test_loss_matches_plain_formula(name: str, progress: float):
     v32, gr32 = value_and_grad(LOSSES[name], s.float(), w.float(), progress)
     torch.testing.assert_close(v32.double(), rv, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gr32.double(), rgr, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.04, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_closed_form_gradient_matches_the_plain_formula(name: str, progress: float):
+    """The trainer steps with LOGIT_GRADS: it must be the gradient of the loss as PAPER.md writes it."""
+    g = torch.Generator().manual_seed(7 + 1000 * sorted(REFERENCE).index(name) + round(100 * progress))
+    s = 3 * torch.randn(16, 9, generator=g, dtype=torch.float64)
+    w = 3 * torch.randn(16, 9, generator=g, dtype=torch.float64)
+    _, ref = value_and_grad(REFERENCE[name], s, w, progress)
+    grad = LOGIT_GRADS[LOSSES[name]](s.clone(), softmax(w), w.argmax(dim=1), progress)
+    torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_loss_with_other_constants_has_no_closed_form():
+    """`functools.partial(kd, T=2)` has another gradient: it must train through autograd, not kd's form."""
+    assert functools.partial(kd, T=2.0) not in LOGIT_GRADS
+    assert set(LOGIT_GRADS) == set(LOSSES.values())
 
 
 def test_kd_temperature_and_soft_kd_share_gradients():

@@ -3,6 +3,12 @@
 `student_logits` and `weak_logits` are (B, K); `progress` in [0, 1] is the fraction of training done
 (the confidence losses ramp with it). Definitions and defaults are those of PAPER.md "Baselines";
 keyword arguments expose the constants for ablations (e.g. `functools.partial(kd, T=2.0)`).
+
+With its default constants, every loss here has the same gradient shape with respect to the student
+logits: d loss / d s = (softmax(s) - target) / B, where the target mixes softmax(w), onehot(argmax w)
+and onehot(argmax s), with weights that never carry gradient. `LOGIT_GRADS` holds that closed form for
+each registered function; the trainer steps with it instead of differentiating the loss's ~10 elementwise
+passes through autograd, and tests hold each form to autograd's gradient of the loss itself.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ def _kd_per_sample(s: Tensor, w: Tensor, T: float) -> Tensor:
     return kl if T == 1.0 else (T * T) * kl
 
 
+def _ramp(progress: float, peak: float, span: float) -> float:
+    """A weight rising linearly from 0 to `peak` over the first `span` of training."""
+    return peak * min(1.0, progress / span) if span > 0 else peak
+
+
 def soft(s: Tensor, w: Tensor, progress: float = 0.0) -> Tensor:
     """Cross-entropy to softmax(w): the naive weak-to-strong baseline (Burns et al. 2023)."""
     return -(F.softmax(w, dim=1) * F.log_softmax(s, dim=1)).sum(dim=1).mean()
@@ -45,7 +56,7 @@ def auxconf(
 ) -> Tensor:
     """Auxiliary confidence loss (Burns et al. 2023), multi-class: CE to a mix of softmax(w) and the
     student's own (detached) hard prediction, whose weight ramps to `alpha` over the first `warmup`."""
-    coef = alpha * min(1.0, progress / warmup) if warmup > 0 else alpha
+    coef = _ramp(progress, alpha, warmup)
     log_ps = F.log_softmax(s, dim=1)
     own = F.one_hot(s.detach().argmax(dim=1), s.shape[1]).to(s.dtype)
     target = (1.0 - coef) * F.softmax(w, dim=1) + coef * own
@@ -56,7 +67,7 @@ def augconf(
     s: Tensor, w: Tensor, progress: float = 0.0, *, beta: float = 0.5, ramp: float = 0.3, T: float = 1.0
 ) -> Tensor:
     """Augmented confidence loss (Guo et al. 2024): (1 - a) kd + a CE(s, argmax s), a ramping to `beta`."""
-    a = beta * min(1.0, progress / ramp) if ramp > 0 else beta
+    a = _ramp(progress, beta, ramp)
     self_ce = F.cross_entropy(s, s.detach().argmax(dim=1))
     return (1.0 - a) * _kd_per_sample(s, w, T).mean() + a * self_ce
 
@@ -75,6 +86,52 @@ def adaptconf(s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, 
     return ((1.0 - a) * _kd_per_sample(s, w, T) + a * ce_self).mean()
 
 
+# The closed-form gradients: `grad(s, weak_probs, weak_argmax, progress) -> d loss / d s`, with s the
+# (detached) student logits (B, K), weak_probs = softmax(w) (B, K) and weak_argmax = argmax(w) (B,), both
+# computed once per run. Each returns a fresh tensor it may overwrite.
+LogitGrad = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+def _minus_onehot_(g: Tensor, cls: Tensor, weight: Tensor | float) -> Tensor:
+    """g[i, cls[i]] -= weight (per row or scalar), in place."""
+    rows = torch.arange(len(g), device=g.device)
+    g[rows, cls] -= weight
+    return g
+
+
+def _soft_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
+    return torch.softmax(s, dim=1).sub_(pw).div_(len(s))
+
+
+def _hard_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
+    return _minus_onehot_(torch.softmax(s, dim=1), yw, 1.0).div_(len(s))
+
+
+def _self_mix_grad(s: Tensor, pw: Tensor, coef: float) -> Tensor:
+    """Target (1 - coef) softmax(w) + coef onehot(argmax s): auxconf's and, at T = 1, augconf's."""
+    g = torch.softmax(s, dim=1).sub_(pw, alpha=1.0 - coef)
+    return _minus_onehot_(g, s.argmax(dim=1), coef).div_(len(s))
+
+
+# The constants are read from the losses' own defaults, so the two forms cannot drift apart.
+def _auxconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
+    c = auxconf.__kwdefaults__
+    return _self_mix_grad(s, pw, _ramp(progress, c["alpha"], c["warmup"]))
+
+
+def _augconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
+    c = augconf.__kwdefaults__
+    return _self_mix_grad(s, pw, _ramp(progress, c["beta"], c["ramp"]))
+
+
+def _adaptconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
+    # CE(s, argmax s) - CE(s, argmax w) = s[argmax w] - max s: the log-partition cancels.
+    top, ys = s.max(dim=1)
+    a = torch.sigmoid((s.gather(1, yw[:, None]).squeeze(1) - top) / adaptconf.__kwdefaults__["tau"])
+    g = torch.softmax(s, dim=1).addcmul_(pw, (a - 1.0)[:, None])
+    return _minus_onehot_(g, ys, a).div_(len(s))
+
+
 LOSSES: dict[str, Loss] = {
     "soft": soft,
     "hard": hard,
@@ -82,6 +139,18 @@ LOSSES: dict[str, Loss] = {
     "auxconf": auxconf,
     "augconf": augconf,
     "adaptconf": adaptconf,
+}
+
+
+# Keyed by the function, not the name: a loss registered with other constants (a `functools.partial`)
+# has no entry and trains through autograd.
+LOGIT_GRADS: dict[Loss, LogitGrad] = {
+    soft: _soft_grad,
+    hard: _hard_grad,
+    kd: _soft_grad,  # at T = 1, KL(pw || ps) and CE(s, pw) differ by the entropy of pw, a constant in s
+    auxconf: _auxconf_grad,
+    augconf: _augconf_grad,
+    adaptconf: _adaptconf_grad,
 }
 
 
