@@ -41,6 +41,21 @@ def test_proto_head_gradient_reaches_the_prototypes():
     assert head.prototypes.grad[2].abs().sum() > 0 and head.prototypes.grad[0].abs().sum() == 0
 
 
+def test_proto_head_gradient_is_that_of_the_plain_cosine_formula():
+    """The head's closed-form backward against autograd through kappa * x @ normalize(C).T, in float64."""
+    head = get_head("proto")(spec(k=7, d=12, seed=3), None).double()
+    with torch.no_grad():
+        head.prototypes.mul_(torch.rand(7, 1, dtype=torch.float64) * 3 + 0.1)  # rows of unequal norm
+    g = torch.Generator().manual_seed(4)
+    x = F.normalize(torch.randn(10, 12, generator=g, dtype=torch.float64), dim=1)
+    upstream = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    c = head.prototypes.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(100.0 * x @ F.normalize(c, dim=1).T, c, upstream)
+    (got,) = torch.autograd.grad(head(x), head.prototypes, upstream)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(head, (x.requires_grad_(True),))
+
+
 def test_proto_head_without_text_embeddings_says_what_to_do():
     with pytest.raises(UserError, match="--head linear"):
         get_head("proto")(HeadSpec(dim=4, num_classes=3), None)

