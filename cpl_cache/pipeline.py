@@ -329,7 +329,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     """Run every cell of the grid that has no up-to-date result; return what was done."""
     from tqdm.auto import tqdm
 
-    from cpl_cache.cache import load_domain
+    from cpl_cache.cache import domain_dir, load_domain
     from cpl_cache.runtime import resolve_device
 
     start = time.perf_counter()
@@ -352,7 +352,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
             notes.append(f"recomputing {label}: {why}")
 
     if summary.skipped < summary.cells:
-        run_training = _trainer().run_training
+        trainer = _trainer()
         device = resolve_device(cfg.device)  # once, so a bad --device fails before any training
         bar = tqdm(total=summary.cells, initial=summary.skipped, unit="cell", disable=not cfg.progress)
         try:
@@ -362,11 +362,14 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                 if not pending:
                     continue
                 bar.set_postfix_str(f"loading {domain}")
-                data = load_domain(cfg.cache_dir, domain)
+                # Loaded, checked and normalised once, shared by the domain's cells.
+                data = trainer.DomainTensors(
+                    load_domain(cfg.cache_dir, domain), device, str(domain_dir(cfg.cache_dir, domain))
+                )
                 for cell in pending:
                     bar.set_postfix_str(f"{domain} {cell.name} seed {cell.seed}")
                     try:
-                        run_training(dataclasses.replace(cell.train_config, device=device), data=data)
+                        trainer.run_training(dataclasses.replace(cell.train_config, device=device), data=data)
                     except UserError as err:
                         raise UserError(f"{domain}/{cell.name} seed {cell.seed}: {err}") from None
                     summary.ran += 1

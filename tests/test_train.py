@@ -19,7 +19,9 @@ from cpl_cache.cache import SPLIT_CODES, load_domain
 from cpl_cache.cli import app
 from cpl_cache.methods import METHODS
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
-from cpl_cache.train.trainer import TrainConfig, resolve, result_path, run_training
+from cpl_cache.train.heads import get_head
+from cpl_cache.train.losses import LOGIT_GRADS, get_loss
+from cpl_cache.train.trainer import TRUTH_OFF, Targets, TrainConfig, fit, resolve, result_path, run_training
 
 DOMAIN = "clipart"
 # Clean strong features (small image noise) and a weak supervisor right half the time.
@@ -81,6 +83,43 @@ def test_ground_truth_of_train_and_hold_is_read_by_ceilings_only(
         assert b["metrics"]["test_acc"] < a["metrics"]["test_acc"] - 0.1  # trained on shuffled truth
     else:
         assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
+
+
+@pytest.mark.parametrize("method", [n for n in PLANTED if METHODS[n].trains])
+def test_closed_form_steps_equal_autograd_steps(method: str, clean: Path):
+    """Every trained method: the trainer's closed-form step and autograd through the loss itself give
+    the same parameters after a hundred steps (float64, so only rounding can tell them apart)."""
+    data = load_domain(clean, DOMAIN)
+    _, hp, _ = resolve(TrainConfig(method=method, domain=DOMAIN, cache_dir=clean, epochs=4, batch_size=64))
+    train_rows = data.rows("train")
+    x = F.normalize(data.image_embeds[train_rows].double(), dim=1)
+    if METHODS[method].uses_ground_truth:
+        y = data.labels[train_rows]
+        targets = torch.full((len(y), data.num_classes), TRUTH_OFF, dtype=torch.float64).scatter_(
+            1, y[:, None], 0.0
+        )
+    else:
+        targets = data.weak_logits[train_rows].double()
+    assert get_loss(hp.loss) in LOGIT_GRADS
+    params = []
+    for closed in (True, False):
+        head = get_head(hp.head)(data, torch.Generator().manual_seed(0)).double()
+        fit(
+            head,
+            get_loss(hp.loss),
+            x,
+            Targets.of(targets),
+            hp,
+            torch.Generator().manual_seed(1),
+            closed_form=closed,
+        )
+        params.append([p.detach() for p in head.parameters()])
+    start = [
+        p.detach() for p in get_head(hp.head)(data, torch.Generator().manual_seed(0)).double().parameters()
+    ]
+    for closed, auto, p0 in zip(*params, start, strict=True):
+        assert (closed - p0).abs().max() > 1e-3  # it trained
+        torch.testing.assert_close(closed, auto, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", PLANTED)

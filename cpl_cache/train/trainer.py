@@ -17,6 +17,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from cpl_cache.errors import UserError
 from cpl_cache.train.heads import PROMPT_INIT, get_head
-from cpl_cache.train.losses import Loss, get_loss
+from cpl_cache.train.losses import LOGIT_GRADS, Loss, get_loss
 from cpl_cache.train.methods import Method, get_method
 
 if TYPE_CHECKING:
@@ -125,16 +126,14 @@ def resolve(cfg: TrainConfig) -> tuple[Method, Hparams, str]:
     return m, hp, name
 
 
-def check_domain(data: CachedDomain, where: str, needs_train: bool) -> None:
-    """Refuse a cache that cannot give a meaningful result, with one line naming the fix."""
+def check_domain(data: CachedDomain, where: str) -> None:
+    """Refuse a cache that no method can give a meaningful result on, with one line naming the fix."""
     counts = torch.bincount(data.split.long(), minlength=3)
     if int(counts[2]) == 0:
         raise UserError(
             f"{where} has no test rows, so there is nothing to evaluate on; "
             "extract it with a hold fraction below 1 (or use the full cache)"
         )
-    if needs_train and int(counts[0]) == 0:
-        raise UserError(f"{where} has no train rows to train on; extract the domain's train list too")
     bad = ~torch.isfinite(data.weak_logits).all(dim=1)
     if bool(bad.any()):
         rows = data.index[bad][:5].tolist()
@@ -142,6 +141,66 @@ def check_domain(data: CachedDomain, where: str, needs_train: bool) -> None:
             f"{where} has {int(bad.sum())} row(s) of NaN or infinite weak logits (image rows {rows}...); "
             "the weak checkpoint is broken: fix it and re-extract with --overwrite"
         )
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a run trains against, per train row: logits (N, K) for a loss differentiated by autograd,
+    and their softmax and argmax for a loss's closed-form gradient (`LOGIT_GRADS`)."""
+
+    logits: Tensor
+    probs: Tensor
+    top: Tensor
+
+    @classmethod
+    def of(cls, logits: Tensor) -> Targets:
+        return cls(logits, F.softmax(logits, dim=1), logits.argmax(dim=1))
+
+
+class DomainTensors:
+    """One domain's tensors on one device, made once and shared by every run on it.
+
+    A grid trains about ten methods per domain; each part here (normalised embeddings, the targets'
+    softmax and argmax, the checks of the cache) is computed on first use and then reused.
+    """
+
+    def __init__(self, data: CachedDomain, device: str, where: str | None = None) -> None:
+        self.data, self.device = data, device
+        self.where = where or f"the cache of {data.manifest.get('domain')}"
+        check_domain(data, self.where)
+        self.train, self.test = data.rows("train"), data.rows("test")
+        self.y_test = data.labels[self.test].to(device)  # the only ground truth a weak-supervised run reads
+        self.weak_test = data.weak_logits[self.test].argmax(dim=1).to(device)
+        K = data.num_classes
+        if bool((self.y_test < 0).any() or (self.y_test >= K).any()):
+            raise UserError(
+                f"test labels of {self.where} fall outside 0..{K - 1}; the cache is damaged, re-extract it"
+            )
+
+    def _embeds(self, rows: Tensor) -> Tensor:
+        # Rows travel as float16 and are normalised once, on the device, in float32.
+        return F.normalize(self.data.image_embeds.index_select(0, rows).to(self.device).float(), dim=1)
+
+    @cached_property
+    def x_train(self) -> Tensor:
+        return self._embeds(self.train)
+
+    @cached_property
+    def x_test(self) -> Tensor:
+        return self._embeds(self.test)
+
+    @cached_property
+    def weak_targets(self) -> Targets:
+        return Targets.of(self.data.weak_logits.index_select(0, self.train).to(self.device))
+
+    @cached_property
+    def truth_targets(self) -> Targets:
+        """Ground truth of the train rows as logits: 0 on the true class, TRUTH_OFF elsewhere."""
+        y = self.data.labels[self.train].to(self.device)
+        K = self.data.num_classes
+        if bool((y < 0).any() or (y >= K).any()):
+            raise UserError(f"train labels of {self.where} fall outside 0..{K - 1}; re-extract the cache")
+        return Targets.of(torch.full((len(y), K), TRUTH_OFF, device=self.device).scatter_(1, y[:, None], 0.0))
 
 
 @torch.no_grad()
@@ -154,21 +213,29 @@ def fit(
     head: nn.Module,
     loss_fn: Loss,
     x: Tensor,
-    targets: Tensor,
+    targets: Targets,
     hp: Hparams,
     generator: torch.Generator,
     evaluate: Any = None,
+    *,
+    closed_form: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train `head` on rows `x` (N, D) against `targets` (N, K): AdamW, cosine schedule to zero.
+    """Train `head` on rows `x` (N, D) against `targets`: AdamW, cosine schedule to zero.
 
     `evaluate(step)` is called at `hp.curve_points + 1` fixed steps (0 and the last included) and
     its records are the curve. Batches are slices of one seeded permutation per epoch. No step
     synchronises with the device: the loss is never read back.
+
+    Where the loss has a closed-form gradient in the logits (`LOGIT_GRADS`; all registered losses do),
+    each step feeds that gradient to the head's backward, reading the targets' softmax and argmax
+    (computed once per domain) instead of re-deriving them every step. `closed_form=False`
+    differentiates the loss through autograd instead: the same steps up to rounding (a test compares).
     """
     n, bs = len(x), min(hp.batch_size, len(x))
     per_epoch = math.ceil(n / bs)
     total = hp.epochs * per_epoch
     at = {round(i * total / hp.curve_points) for i in range(hp.curve_points + 1)} if total else {0}
+    grad_fn = LOGIT_GRADS.get(loss_fn) if closed_form else None
     try:  # one kernel for the whole update instead of ~10 per tensor (CPU support since torch 2.4)
         opt = torch.optim.AdamW(head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
     except RuntimeError:
@@ -183,17 +250,27 @@ def fit(
         idx = perm[i * bs : (i + 1) * bs]
         for group in opt.param_groups:
             group["lr"] = hp.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-        loss = loss_fn(head(x.index_select(0, idx)), targets.index_select(0, idx), step / total)
+        logits = head(x.index_select(0, idx))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if grad_fn is None:
+            loss_fn(logits, targets.logits.index_select(0, idx), step / total).backward()
+        else:
+            with torch.no_grad():
+                probs, top = targets.probs.index_select(0, idx), targets.top[idx]
+                grad = grad_fn(logits.detach(), probs, top, step / total)
+            logits.backward(grad)
         opt.step()
     if evaluate is not None:
         curve.append(evaluate(total))
     return curve
 
 
-def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str, Any]:
-    """Load the cache (unless `data` is given), train, write the results JSON atomically, return it."""
+def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = None) -> dict[str, Any]:
+    """Train one method, write its results JSON atomically and return it.
+
+    `data` is the domain's cache, loaded unless given, or its `DomainTensors` on the run's device,
+    which runs on the same domain share (as `cpl-cache run` does).
+    """
     from cpl_cache.cache import atomic_write_text, domain_dir, load_domain
     from cpl_cache.runtime import resolve_device, seed_everything
 
@@ -201,9 +278,15 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
     device = resolve_device(cfg.device)
     if data is None:
         data = load_domain(cfg.cache_dir, cfg.domain)
-    elif data.manifest.get("domain") != cfg.domain:
-        raise ValueError(f"data holds domain {data.manifest.get('domain')!r}, the config says {cfg.domain!r}")
-    check_domain(data, str(domain_dir(cfg.cache_dir, cfg.domain)), method.trains and hp.epochs > 0)
+    if not isinstance(data, DomainTensors) or data.device != device:
+        data = DomainTensors(getattr(data, "data", data), device, str(domain_dir(cfg.cache_dir, cfg.domain)))
+    dt, cache = data, data.data
+    if cache.manifest.get("domain") != cfg.domain:
+        raise ValueError(
+            f"data holds domain {cache.manifest.get('domain')!r}, the config says {cfg.domain!r}"
+        )
+    if method.trains and hp.epochs > 0 and len(dt.train) == 0:
+        raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
     if device == "cpu":
         # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which
         # x86 CPUs process tens of times slower; flushing them to zero changes no result that matters.
@@ -212,29 +295,19 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
-    train, test = data.rows("train"), data.rows("test")
-    weak_test = data.weak_logits[test].argmax(dim=1).to(device)
-    y_test = data.labels[test].to(device)  # the only ground truth a weak-supervised run reads
-    K = data.num_classes
-    if bool((y_test < 0).any() or (y_test >= K).any()):
-        raise UserError(
-            f"test labels of {cfg.domain} fall outside 0..{K - 1}; the cache is damaged, re-extract it"
-        )
-
+    y_test, weak_test = dt.y_test, dt.weak_test
     curve: list[dict[str, Any]] = []
     head_config: dict[str, Any] | None = None
     if hp.head is None:  # the weak supervisor itself
         pred_test, train_acc = weak_test, 1.0
     else:
-        # Rows travel as float16 and are normalised once, on the device, in float32.
-        x_test = F.normalize(data.image_embeds.index_select(0, test).to(device).float(), dim=1)
-        x_train = F.normalize(data.image_embeds.index_select(0, train).to(device).float(), dim=1)
-        head = get_head(hp.head)(data, gen).to(device)
+        x_train, x_test = dt.x_train, dt.x_test
+        head = get_head(hp.head)(cache, gen).to(device)
         if hp.head == "prompt":  # how the context was set up; fixed per head, so not part of `hparams`
             head_config = {"n_ctx": head.n_ctx, "init": PROMPT_INIT}
-        probe = torch.randperm(len(train), generator=gen)[:CURVE_TRAIN_ROWS]
+        probe = torch.randperm(len(dt.train), generator=gen)[:CURVE_TRAIN_ROWS]
         x_probe = x_train[probe.to(device)]
-        weak_probe = data.weak_logits[train[probe]].argmax(dim=1).to(device)
+        weak_probe = cache.weak_logits[dt.train[probe]].argmax(dim=1).to(device)
         last: dict[str, Tensor] = {}
 
         def evaluate(step: int) -> dict[str, Any]:
@@ -247,17 +320,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
             }
 
         if method.trains and hp.epochs > 0:
-            if method.uses_ground_truth:
-                y_train = data.labels[train].to(device)
-                if bool((y_train < 0).any() or (y_train >= K).any()):
-                    raise UserError(
-                        f"train labels of {cfg.domain} fall outside 0..{K - 1}; re-extract the cache"
-                    )
-                targets = torch.full((len(train), K), TRUTH_OFF, device=device).scatter_(
-                    1, y_train[:, None], 0.0
-                )
-            else:
-                targets = data.weak_logits.index_select(0, train).to(device)
+            targets = dt.truth_targets if method.uses_ground_truth else dt.weak_targets
             curve = fit(head, get_loss(hp.loss), x_train, targets, hp, gen, evaluate)
             final = curve[-1]
         else:
@@ -282,7 +345,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | None = None) -> dict[str
         "curve": curve,
         "seconds": time.perf_counter() - t0,
         "device": device,
-        "cache": data.identity(),
+        "cache": cache.identity(),
     }
     path = result_path(cfg.out, cfg.domain, name, cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
