@@ -183,6 +183,12 @@ class Resize(str, Enum):
     torch = "torch"
 
 
+class ResizeOn(str, Enum):
+    auto = "auto"
+    workers = "workers"
+    device = "device"
+
+
 @command("extract")
 def extract_cmd(
     domain: DomainOpt,
@@ -208,6 +214,14 @@ def extract_cmd(
         Resize,
         typer.Option("--resize", help="pil: the processors' exact pixels; torch: ~4x faster, ±1 level."),
     ] = Resize.pil,
+    resize_on: Annotated[
+        ResizeOn,
+        typer.Option(
+            "--resize-on",
+            help="Where PIL resizes run: workers (CPU), device (same pixels, batched on the GPU; workers "
+            "only decode), auto: device on CUDA.",
+        ),
+    ] = ResizeOn.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start this domain over.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
@@ -232,6 +246,7 @@ def extract_cmd(
         split_seed=split_seed,
         on_bad_image=on_bad_image.value,
         resize=resize.value,
+        resize_on=resize_on.value,
         overwrite=overwrite,
         progress=progress,
     )

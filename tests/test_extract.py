@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ from cpl_cache.cache import load_domain
 from cpl_cache.cli import app
 from cpl_cache.datasets import load_domainnet, load_rgb, prompt_for
 from cpl_cache.extract import ExtractConfig, run_extract
-from cpl_cache.extract.mapper import Mapper
+from cpl_cache.extract import resample as resample_mod
+from cpl_cache.extract.mapper import Mapper, plans_for
 from cpl_cache.extract.reader import plan_for, rank_share, shard_ranges
 from cpl_cache.train.prompt import prompt_token_ids
 
@@ -155,6 +157,88 @@ def test_torch_resize_extract_is_close_to_the_exact_one(synth_dir, tmp_path):
     assert torch.equal(exact.index, fast.index)
     assert (exact.image_embeds.float() - fast.image_embeds.float()).abs().max() <= 2e-2
     assert (exact.weak_logits - fast.weak_logits).abs().max() <= 2e-2
+
+
+@pytest.mark.parametrize("resample", [2, 3])
+def test_device_resample_of_one_axis_is_pillows_bit_for_bit(resample):
+    """Pillow's fixed-point weights and rounding, as matrix products: one-axis resizes equal PIL's exactly,
+    up- and downscaling, cropped and padded windows included."""
+    rng = np.random.default_rng(resample)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(3, 150, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ww = int(rng.integers(2, 160))
+        crop = int(rng.integers(1, ww + 8))  # sometimes wider than the resized image: zero padding
+        left = (ww - crop) // 2
+        want = np.asarray(Image.fromarray(img).resize((ww, h), resample=resample)).astype(np.int64)
+        want = np.pad(want, ((0, 0), (max(0, -left), max(0, crop - ww - max(0, -left))), (0, 0)))
+        want = want[:, max(0, left) : max(0, left) + crop]
+        k = resample_mod.fixed_point_weights(
+            torch.tensor([w]), torch.tensor([ww]), torch.tensor([left]), crop, w, resample
+        )
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].double()
+        got = resample_mod._round_pass(x @ k.transpose(1, 2)[:, None])[0].permute(1, 2, 0).long().numpy()
+        assert np.array_equal(got, want), (h, w, ww, crop)
+
+
+def _device_pixels(plan, imgs: list[Image.Image]) -> np.ndarray:
+    """The device path of the mapper on the CPU: decoded images packed as a worker packs them."""
+    from cpl_cache.extract.reader import _pack
+
+    mapper = Mapper.__new__(Mapper)  # only the preprocessing: no weights needed
+    mapper.device, mapper.plans = torch.device("cpu"), (plan, plan)
+    mapper._consts = [(torch.tensor(plan.mean).view(1, 3, 1, 1), torch.tensor(plan.std).view(1, 3, 1, 1))] * 2
+    return mapper._resized_on_device(_pack([np.asarray(i) for i in imgs]))[0].numpy()
+
+
+def _photo(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """Smooth colour fields with a little grain: resizes like a photograph, not like white noise."""
+    base = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    grain = rng.integers(-6, 7, (h, w, 3))
+    return Image.fromarray((np.asarray(base).astype(int) + grain).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["clip-odd", "clip-pad", "convnext-224"])
+def test_device_resize_gives_the_processors_pixels(name):
+    """--resize-on device: the processor's own pixel values on photo-like images of every shape.
+
+    Pillow 13 runs the two passes of some resizes vertical-first; the device always runs them
+    horizontal-first, as earlier Pillows do. On photographs the two orders agree to the bit for most
+    images and within one level for all (on white noise, whose overshoots are clipped between the
+    passes, by a few levels)."""
+    proc = _processors()[name]
+    plan = dataclasses.replace(plan_for(proc), on_device=True)
+    assert plan.device_capable and plan.describe() == plan_for(proc).describe()  # same cache identity
+    rng = np.random.default_rng(2)
+    one_level = plan.scale / min(plan.std)
+    for low, high in [(150, 600), (8, 200)]:  # DomainNet-like sizes; tiny images
+        imgs = [_photo(rng, int(h), int(w)) for h, w in rng.integers(low, high, (16, 2))]
+        got = _device_pixels(plan, imgs)
+        want = np.concatenate([proc(images=img, return_tensors="np")["pixel_values"] for img in imgs])
+        off = np.abs(got - want).reshape(len(imgs), -1).max(axis=1)
+        assert got.shape == want.shape and off.max() <= one_level + 1e-5
+        assert (off <= 1e-5).mean() >= 0.75  # most images bit for bit
+
+
+def test_plans_resize_on_the_device_only_where_they_can():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    clip, vit = CLIPImageProcessorPil(size={"shortest_edge": 37}, crop_size=31), _processors()["vit"]
+    assert plans_for(clip, vit, resize_on="auto", device="cpu")[0].on_device is False
+    on = plans_for(clip, vit, resize_on="auto", device="cuda")
+    assert on[0].on_device and not on[1].on_device  # a fixed-size resize changes the aspect: workers
+    assert not plans_for(clip, clip, resize="torch", resize_on="device")[0].on_device
+
+
+def test_device_resize_extract_equals_the_workers_one(synth_dir, tmp_path):
+    """The whole extract with resizes on the device (here the CPU) matches the workers' extract."""
+    run_extract(_cfg(synth_dir, tmp_path / "workers", "painting", resize_on="workers"))
+    run_extract(_cfg(synth_dir, tmp_path / "device", "painting", resize_on="device", workers=1))
+    a, b = load_domain(tmp_path / "workers", "painting"), load_domain(tmp_path / "device", "painting")
+    assert a.manifest["preprocessing"] == b.manifest["preprocessing"]
+    assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+    assert (a.image_embeds.float() - b.image_embeds.float()).abs().max() <= 2e-3
+    assert (a.weak_logits - b.weak_logits).abs().max() <= 1e-3
 
 
 def test_unknown_processor_falls_back_to_calling_it():

@@ -2,7 +2,8 @@
 
 Models load with `from_pretrained` from a hub id or a local folder. On a GPU the forward passes
 run under float16 autocast, on the CPU in float32. Pixels arrive as uint8 and are normalised here,
-batched on the device, with the processor's own constants.
+batched on the device, with the processor's own constants; where a plan says so, they arrive as
+the decoded images and are resized and cropped on the device too (`cpl_cache.extract.resample`).
 """
 
 from __future__ import annotations
@@ -143,27 +144,53 @@ class Mapper:
     def dim(self) -> int:
         return int(self.clip.config.projection_dim)
 
-    def _pixel_values(self, pixels: Any, which: int) -> Any:
-        """(n, H, W, 3) uint8 -> normalised (n, 3, H, W) float32 on the device, as the processor does."""
+    def _normalise(self, x: Any, which: int) -> Any:
+        """(n, 3, H, W) pixel values 0..255 -> the processor's `(x * scale - mean) / std`, float32."""
         import torch
 
-        x = pixels.to(self.device, non_blocking=True)
-        plan = self.plans[which]
-        if plan.mode != "uint8":
-            return x
         mean, std = self._consts[which]
-        x = x.permute(0, 3, 1, 2).to(torch.float32)
-        if plan.scale != 1.0:
-            x = x * plan.scale
+        x = x.to(torch.float32)
+        if self.plans[which].scale != 1.0:
+            x = x * self.plans[which].scale
         return ((x - mean) / std).contiguous()
 
-    def __call__(self, strong_pixels: Any, weak_pixels: Any) -> tuple[np.ndarray, np.ndarray]:
-        """L2-normalised image embeddings (n, D) float16 and weak logits (n, K) float32."""
+    def _pixel_values(self, pixels: Any, which: int) -> Any:
+        """(n, H, W, 3) uint8 -> normalised (n, 3, H, W) float32 on the device, as the processor does."""
+        x = pixels.to(self.device, non_blocking=True)
+        if self.plans[which].mode != "uint8":
+            return x
+        return self._normalise(x.permute(0, 3, 1, 2), which)
+
+    def _resized_on_device(self, raw: dict[str, Any]) -> dict[int, Any]:
+        """Both device-resized plans' normalised pixels from the batch's decoded images."""
+        import torch
+
+        from cpl_cache.extract import resample
+
+        flat = raw["flat"].to(self.device, non_blocking=True)
+        sizes = [(int(h), int(w)) for h, w in raw["sizes"].tolist()]
+        offsets = resample.packed_offsets(sizes)
+        which = [i for i, p in enumerate(self.plans) if p.on_device]
+        parts: dict[int, list[Any]] = {i: [] for i in which}
+        for a, b in resample.chunks(sizes):
+            canvas = resample.canvas_of(flat, offsets[a:b], sizes[a:b])
+            for i in which:
+                plan = self.plans[i]
+                resized = [plan.resized_size(w, h)[::-1] for h, w in sizes[a:b]]  # (h', w')
+                px = resample.resize_crop(canvas, sizes[a:b], resized, plan.crop, plan.resample)
+                parts[i].append(self._normalise(px, i))
+            del canvas
+        return {i: torch.cat(p) for i, p in parts.items()}
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """L2-normalised image embeddings (n, D) float16 and weak logits (n, K) float32 of a reader batch."""
         import torch
 
         with torch.inference_mode():
-            xs = self._pixel_values(strong_pixels, 0)
-            xw = self._pixel_values(weak_pixels, 1)
+            done = self._resized_on_device(batch["raw"]) if batch.get("raw") is not None else {}
+            xs, xw = (
+                done[i] if i in done else self._pixel_values(px, i) for i, px in enumerate(batch["pixels"])
+            )
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
                 emb = _pooled(self.clip.get_image_features(pixel_values=xs))
                 logits = self.weak(pixel_values=xw).logits
@@ -199,5 +226,17 @@ class Mapper:
         return torch.cat(out).numpy(), scale, ids, phrase_prefix_len(tok, ids)
 
 
-def plans_for(strong_processor: Any, weak_processor: Any, resize: str = "pil") -> tuple[ImagePlan, ImagePlan]:
-    return plan_for(strong_processor, resize), plan_for(weak_processor, resize)
+def plans_for(
+    strong_processor: Any,
+    weak_processor: Any,
+    resize: str = "pil",
+    resize_on: str = "workers",
+    device: str = "cpu",
+) -> tuple[ImagePlan, ImagePlan]:
+    """Both models' preprocessing plans; `resize_on` (auto, workers, device) places their resizes."""
+    from cpl_cache.extract.reader import place_resizes
+
+    plans = place_resizes(
+        (plan_for(strong_processor, resize), plan_for(weak_processor, resize)), resize_on, device
+    )
+    return plans[0], plans[1]

@@ -60,6 +60,34 @@ class ImagePlan:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     backend: str = "pil"
+    # Resize and crop on the device from the decoded image (`cpl_cache.extract.resample`): PIL's
+    # arithmetic, so not part of `describe()`; workers then only decode.
+    on_device: bool = False
+
+    @property
+    def device_capable(self) -> bool:
+        """Whether `resample` can run this plan's resize: PIL's bilinear or bicubic, aspect kept, cropped."""
+        from cpl_cache.extract.resample import DEVICE_RESAMPLES
+
+        return (
+            self.mode == "uint8"
+            and self.backend == "pil"
+            and self.resample in DEVICE_RESAMPLES
+            and self.resize is not None
+            and self.resize[0] == "shortest"
+            and self.crop is not None
+        )
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) of an image of size (w, h) after this plan's resize."""
+        if self.resize is None:
+            return w, h
+        kind, a, b = self.resize
+        if kind != "shortest":
+            return b, a
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(a * long / short)  # as transformers' get_resize_output_image_size
+        return (a, new_long) if w <= h else (new_long, a)
 
     @property
     def out_size(self) -> tuple[int, int] | None:
@@ -90,14 +118,8 @@ class ImagePlan:
         `full` is `np.asarray(img)` when the caller already has it (one copy out of PIL per image).
         """
         if self.resize is not None:
-            kind, a, b = self.resize
             w, h = img.size
-            if kind == "shortest":
-                short, long = (w, h) if w <= h else (h, w)
-                new_long = int(a * long / short)  # as transformers' get_resize_output_image_size
-                size = (a, new_long) if w <= h else (new_long, a)
-            else:
-                size = (b, a)
+            size = self.resized_size(w, h)
             if size != img.size and self.backend == "torch" and size[0] <= w and size[1] <= h:
                 # Downscaling only: torch's upscaling kernel is not PIL's (a=-0.75, not -0.5).
                 arr = _torch_resize(np.asarray(img) if full is None else full, size, self.resample)
@@ -141,6 +163,16 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
 
 
 RESIZE_BACKENDS = ("pil", "torch")
+RESIZE_PLACES = ("auto", "workers", "device")
+
+
+def place_resizes(plans: Sequence[ImagePlan], where: str, device: str) -> tuple[ImagePlan, ...]:
+    """Plans with `on_device` set where `where` ("auto": on a CUDA device, "device", "workers") asks
+    for it and the plan can run there; the others stay in the workers."""
+    import dataclasses
+
+    on = where == "device" or (where == "auto" and device.startswith("cuda"))
+    return tuple(dataclasses.replace(p, on_device=on and p.device_capable) for p in plans)
 
 
 def _per_channel(value: Any) -> tuple[float, float, float] | None:
@@ -254,20 +286,26 @@ class DecodedBatches:
             p if plan.mode == "processor" else None for p, plan in zip(processors, plans, strict=True)
         )
         self._needs_array = sum(plan.backend == "torch" for plan in self.plans) > 1
+        self._raw = any(plan.on_device for plan in self.plans)  # the decoded image goes to the device
 
     def __len__(self) -> int:
         return len(self.specs)
 
-    def decode(self, row: int) -> list[np.ndarray]:
-        """Every plan's pixels for one row, from one decode of the file."""
+    def decode(self, row: int) -> list[np.ndarray | None]:
+        """Every plan's pixels for one row, from one decode of the file; a plan resized on the device
+        gets None and the decoded (H, W, 3) array is appended last."""
         img = load_rgb(self.root / self.paths[row])
-        full = np.asarray(img) if self._needs_array else None
-        out = []
+        full = np.asarray(img) if self._needs_array or self._raw else None
+        out: list[np.ndarray | None] = []
         for plan, proc in zip(self.plans, self.processors, strict=True):
-            if plan.mode == "uint8":
+            if plan.on_device:
+                out.append(None)
+            elif plan.mode == "uint8":
                 out.append(plan.apply(img, full))
             else:
                 out.append(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0], np.float32))
+        if self._raw:
+            out.append(full)
         return out
 
     def __getitem__(self, b: int) -> dict[str, Any]:
@@ -278,10 +316,13 @@ class DecodedBatches:
         # Fixed-size outputs are written in place into shared memory: no stacking copy, and no copy
         # when the batch crosses to the main process.
         outs = [
-            torch.empty((n, *plan.out_size, 3), dtype=torch.uint8).share_memory_() if plan.out_size else None
+            torch.empty((n, *plan.out_size, 3), dtype=torch.uint8).share_memory_()
+            if plan.out_size and not plan.on_device
+            else None
             for plan in self.plans
         ]
         lists: list[list[np.ndarray]] = [[] for _ in self.plans]
+        decoded: list[np.ndarray] = []
         rows: list[int] = []
         failed: list[tuple[int, str]] = []
         for row in range(spec.start, spec.stop):
@@ -293,16 +334,20 @@ class DecodedBatches:
             except Exception as err:  # noqa: BLE001 - every decode failure becomes a marker, never a raise
                 failed.append((row, _describe_error(err)))
                 continue
-            for out, store, arr in zip(outs, lists, arrays, strict=True):
+            if self._raw:
+                decoded.append(arrays.pop())
+            for plan, out, store, arr in zip(self.plans, outs, lists, arrays, strict=True):
                 if out is not None:
                     out[len(rows)].numpy()[...] = arr
-                else:
+                elif not plan.on_device:
                     store.append(arr)
             rows.append(row)
         k = len(rows)
         stacked = [
-            (out[:k] if out is not None else torch.from_numpy(np.stack(store))) if k else None
-            for out, store in zip(outs, lists, strict=True)
+            None
+            if not k or plan.on_device
+            else (out[:k] if out is not None else torch.from_numpy(np.stack(store)))
+            for plan, out, store in zip(self.plans, outs, lists, strict=True)
         ]
         return {
             "shard": spec.shard,
@@ -311,8 +356,22 @@ class DecodedBatches:
             "stop": spec.stop,
             "rows": torch.as_tensor(rows, dtype=torch.int64),
             "pixels": stacked,
+            "raw": _pack(decoded) if self._raw and k else None,
             "failed": failed,
         }
+
+
+def _pack(images: list[np.ndarray]) -> dict[str, Any]:
+    """Decoded (H, W, 3) uint8 images back to back in one shared-memory buffer, with their sizes."""
+    import torch
+
+    sizes = [img.shape[:2] for img in images]
+    flat = torch.empty(sum(h * w * 3 for h, w in sizes), dtype=torch.uint8).share_memory_()
+    buf, at = flat.numpy(), 0
+    for img in images:
+        buf[at : at + img.size] = img.reshape(-1)
+        at += img.size
+    return {"flat": flat, "sizes": torch.as_tensor(sizes, dtype=torch.int64).reshape(-1, 2)}
 
 
 def loader(dataset: DecodedBatches, workers: int, device: str):

@@ -23,7 +23,7 @@ import numpy as np
 
 from cpl_cache.cache import SPLIT_CODES, TEXT_FILE, domain_dir, new_manifest, read_manifest, write_text
 from cpl_cache.errors import UserError
-from cpl_cache.extract.reader import RESIZE_BACKENDS
+from cpl_cache.extract.reader import RESIZE_BACKENDS, RESIZE_PLACES
 
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -46,6 +46,7 @@ class ExtractConfig:
     split_seed: int = 0
     on_bad_image: str = "error"
     resize: str = "pil"  # "torch": faster resizes within one intensity level of the processor's
+    resize_on: str = "auto"  # where PIL's resizes run: "workers", "device", or "auto" (the device on CUDA)
     overwrite: bool = False
     progress: bool = True
 
@@ -56,6 +57,8 @@ class ExtractConfig:
             )
         if self.resize not in RESIZE_BACKENDS:
             raise UserError(f"--resize must be one of {', '.join(RESIZE_BACKENDS)}, got {self.resize!r}")
+        if self.resize_on not in RESIZE_PLACES:
+            raise UserError(f"--resize-on must be one of {', '.join(RESIZE_PLACES)}, got {self.resize_on!r}")
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -162,8 +165,8 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
         mapper.load_image_processor("strong", cfg.strong),
         mapper.load_image_processor("weak", cfg.weak),
     )
-    plans = mapper.plans_for(*processors, resize=cfg.resize)
     device = resolve_device(cfg.device)
+    plans = mapper.plans_for(*processors, resize=cfg.resize, resize_on=cfg.resize_on, device=device)
 
     dim, k = int(strong_cfg.projection_dim), len(images.classes)
     counts = {name: int(np.count_nonzero(images.split == code)) for name, code in SPLIT_CODES.items()}
@@ -242,7 +245,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
                 sink.skip(row, reason)
             rows = batch["rows"].numpy()
             if len(rows):
-                embeds, logits = models(*batch["pixels"])
+                embeds, logits = models(batch)
                 sink.add(batch["shard"], rows, embeds, logits)
             if batch["last"]:
                 sink.close_shard(batch["shard"])
