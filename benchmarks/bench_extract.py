@@ -143,9 +143,6 @@ def main() -> None:
     ap.add_argument(
         "--resize-on", choices=["auto", "workers", "device"], default="auto", help="extract's --resize-on"
     )
-    ap.add_argument(
-        "--loader", choices=["auto", "processes", "threads"], default="auto", help="extract's --loader"
-    )
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: extract's)")
     ap.add_argument("--device", default="auto")
@@ -208,7 +205,7 @@ def main() -> None:
         # 1. Decode + both preprocessings alone.
         data = reader.DecodedBatches(images, specs, plans, procs)
         timeline, kept, rows, t0 = [], [], 0, time.perf_counter()
-        for batch in reader.loader(data, workers, device, args.loader):
+        for batch in reader.loader(data, workers, device):
             rows += batch["stop"] - batch["start"]
             timeline.append((time.perf_counter() - t0, rows))
             if len(kept) < 4:
@@ -236,7 +233,7 @@ def main() -> None:
         cfg = ExtractConfig(
             domain="real", data_root=root, strong=strong, weak=weak, cache_dir=work / "cache",
             batch_size=args.batch_size, workers=workers, device=device, shard_size=args.shard_size,
-            progress=False, overwrite=True, resize=args.resize, resize_on=args.resize_on, loader=args.loader,
+            progress=False, overwrite=True, resize=args.resize, resize_on=args.resize_on,
         )  # fmt: skip
         summary = run_extract(cfg)
         whole_rate = steady_rate(summary["timeline"])
@@ -258,7 +255,6 @@ def main() -> None:
         "workers": workers,
         "resize": args.resize,
         "resized_on_device": {"strong": on_device[0], "weak": on_device[1]},
-        "loader": args.loader,
         "batch_size": args.batch_size,
         "decode_preprocess_img_s": round(decode_rate, 1),
         "forward_img_s": round(forward_rate, 1),

@@ -183,12 +183,6 @@ class Resize(str, Enum):
     torch = "torch"
 
 
-class Loader(str, Enum):
-    auto = "auto"
-    processes = "processes"
-    threads = "threads"
-
-
 class ResizeOn(str, Enum):
     auto = "auto"
     workers = "workers"
@@ -228,13 +222,6 @@ def extract_cmd(
             "only decode), auto: device on CUDA.",
         ),
     ] = ResizeOn.auto,
-    loader: Annotated[
-        Loader,
-        typer.Option(
-            "--loader",
-            help="Decode in worker processes or threads (auto: threads when resizing on the device).",
-        ),
-    ] = Loader.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start this domain over.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
@@ -260,7 +247,6 @@ def extract_cmd(
         on_bad_image=on_bad_image.value,
         resize=resize.value,
         resize_on=resize_on.value,
-        loader=loader.value,
         overwrite=overwrite,
         progress=progress,
     )

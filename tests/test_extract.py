@@ -183,14 +183,12 @@ def test_device_resample_of_one_axis_is_pillows_bit_for_bit(resample):
 
 def _device_pixels(plan, imgs: list[Image.Image]) -> np.ndarray:
     """The device path of the mapper on the CPU: decoded images packed as a worker packs them."""
-    from cpl_cache.extract.reader import DecodedBatches
+    from cpl_cache.extract.reader import _pack
 
-    packer = DecodedBatches.__new__(DecodedBatches)  # only its packing of decoded images
-    packer.memory = "local"
     mapper = Mapper.__new__(Mapper)  # only the preprocessing: no weights needed
     mapper.device, mapper.plans = torch.device("cpu"), (plan, plan)
     mapper._consts = [(torch.tensor(plan.mean).view(1, 3, 1, 1), torch.tensor(plan.std).view(1, 3, 1, 1))] * 2
-    return mapper._resized_on_device(packer._pack([np.asarray(i) for i in imgs]))[0].numpy()
+    return mapper._resized_on_device(_pack([np.asarray(i) for i in imgs]))[0].numpy()
 
 
 def _photo(rng: np.random.Generator, h: int, w: int) -> Image.Image:
@@ -235,7 +233,7 @@ def test_plans_resize_on_the_device_only_where_they_can():
 def test_device_resize_extract_equals_the_workers_one(synth_dir, tmp_path):
     """The whole extract with resizes on the device (here the CPU) matches the workers' extract."""
     run_extract(_cfg(synth_dir, tmp_path / "workers", "painting", resize_on="workers"))
-    run_extract(_cfg(synth_dir, tmp_path / "device", "painting", resize_on="device", workers=2))  # threads
+    run_extract(_cfg(synth_dir, tmp_path / "device", "painting", resize_on="device", workers=1))
     a, b = load_domain(tmp_path / "workers", "painting"), load_domain(tmp_path / "device", "painting")
     assert a.manifest["preprocessing"] == b.manifest["preprocessing"]
     assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)

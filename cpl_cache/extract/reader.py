@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,33 +288,8 @@ class DecodedBatches:
         self._needs_array = sum(plan.backend == "torch" for plan in self.plans) > 1
         self._raw = any(plan.on_device for plan in self.plans)  # the decoded image goes to the device
 
-        # Where batches are built: "shared" memory (worker processes hand it to the main one without a
-        # copy) or "pinned" memory (threads of the main process; the device reads it without a copy).
-        self.memory = "shared"
-
     def __len__(self) -> int:
         return len(self.specs)
-
-    def _buffer(self, shape: tuple[int, ...]) -> Any:
-        import torch
-
-        if self.memory == "pinned":
-            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        if self.memory == "local":
-            return torch.empty(shape, dtype=torch.uint8)
-        return torch.empty(shape, dtype=torch.uint8).share_memory_()
-
-    def _pack(self, images: list[np.ndarray]) -> dict[str, Any]:
-        """Decoded (H, W, 3) uint8 images back to back in one buffer, with their sizes."""
-        import torch
-
-        sizes = [img.shape[:2] for img in images]
-        flat = self._buffer((sum(h * w * 3 for h, w in sizes),))
-        buf, at = flat.numpy(), 0
-        for img in images:
-            buf[at : at + img.size] = img.reshape(-1)
-            at += img.size
-        return {"flat": flat, "sizes": torch.as_tensor(sizes, dtype=torch.int64).reshape(-1, 2)}
 
     def decode(self, row: int) -> list[np.ndarray | None]:
         """Every plan's pixels for one row, from one decode of the file; a plan resized on the device
@@ -342,7 +316,9 @@ class DecodedBatches:
         # Fixed-size outputs are written in place into shared memory: no stacking copy, and no copy
         # when the batch crosses to the main process.
         outs = [
-            self._buffer((n, *plan.out_size, 3)) if plan.out_size and not plan.on_device else None
+            torch.empty((n, *plan.out_size, 3), dtype=torch.uint8).share_memory_()
+            if plan.out_size and not plan.on_device
+            else None
             for plan in self.plans
         ]
         lists: list[list[np.ndarray]] = [[] for _ in self.plans]
@@ -380,50 +356,26 @@ class DecodedBatches:
             "stop": spec.stop,
             "rows": torch.as_tensor(rows, dtype=torch.int64),
             "pixels": stacked,
-            "raw": self._pack(decoded) if self._raw and k else None,
+            "raw": _pack(decoded) if self._raw and k else None,
             "failed": failed,
         }
 
 
-LOADERS = ("auto", "processes", "threads")
+def _pack(images: list[np.ndarray]) -> dict[str, Any]:
+    """Decoded (H, W, 3) uint8 images back to back in one shared-memory buffer, with their sizes."""
+    import torch
+
+    sizes = [img.shape[:2] for img in images]
+    flat = torch.empty(sum(h * w * 3 for h, w in sizes), dtype=torch.uint8).share_memory_()
+    buf, at = flat.numpy(), 0
+    for img in images:
+        buf[at : at + img.size] = img.reshape(-1)
+        at += img.size
+    return {"flat": flat, "sizes": torch.as_tensor(sizes, dtype=torch.int64).reshape(-1, 2)}
 
 
-def loader(dataset: DecodedBatches, workers: int, device: str, kind: str = "processes") -> Iterator[Any]:
-    """Batches in order, decoded ahead of use so decoding overlaps the forward passes.
-
-    "processes": a DataLoader with `workers` processes (batches cross in shared memory, are pinned by
-    the loader's thread). "threads": `workers` threads of this process (PIL decodes and resizes with
-    the GIL released) building batches straight in pinned memory on CUDA: no inter-process copy and
-    no pinning copy, which bounds the rate when whole decoded images travel (`--resize-on device`).
-    "auto": threads when some plan resizes on the device, else processes.
-    """
-    if kind == "auto":
-        kind = "threads" if dataset._raw and workers > 0 else "processes"
-    if kind == "threads" and workers > 0:
-        return _threaded(dataset, workers, device.startswith("cuda"))
-    return iter(_processes(dataset, workers, device))
-
-
-def _threaded(dataset: DecodedBatches, threads: int, pin: bool) -> Iterator[Any]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    dataset.memory = "pinned" if pin else "local"
-    ahead = 2 * threads  # batches in flight, as the DataLoader's prefetch of 2 per worker
-    ex = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-    try:
-        pending = deque(ex.submit(dataset.__getitem__, b) for b in range(min(ahead, len(dataset))))
-        nxt = len(pending)
-        while pending:
-            batch = pending.popleft().result()
-            if nxt < len(dataset):
-                pending.append(ex.submit(dataset.__getitem__, nxt))
-                nxt += 1
-            yield batch
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-
-
-def _processes(dataset: DecodedBatches, workers: int, device: str):
+def loader(dataset: DecodedBatches, workers: int, device: str):
+    """A DataLoader over whole batches; workers prefetch so decoding overlaps the forward passes."""
     import torch
 
     kwargs: dict[str, Any] = {}

@@ -23,7 +23,7 @@ import numpy as np
 
 from cpl_cache.cache import SPLIT_CODES, TEXT_FILE, domain_dir, new_manifest, read_manifest, write_text
 from cpl_cache.errors import UserError
-from cpl_cache.extract.reader import LOADERS, RESIZE_BACKENDS, RESIZE_PLACES
+from cpl_cache.extract.reader import RESIZE_BACKENDS, RESIZE_PLACES
 
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -47,9 +47,6 @@ class ExtractConfig:
     on_bad_image: str = "error"
     resize: str = "pil"  # "torch": faster resizes within one intensity level of the processor's
     resize_on: str = "auto"  # where PIL's resizes run: "workers", "device", or "auto" (the device on CUDA)
-    loader: str = (
-        "auto"  # decoding in worker "processes" or "threads"; auto: threads when resizing on the device
-    )
     overwrite: bool = False
     progress: bool = True
 
@@ -60,8 +57,6 @@ class ExtractConfig:
             )
         if self.resize not in RESIZE_BACKENDS:
             raise UserError(f"--resize must be one of {', '.join(RESIZE_BACKENDS)}, got {self.resize!r}")
-        if self.loader not in LOADERS:
-            raise UserError(f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.resize_on not in RESIZE_PLACES:
             raise UserError(f"--resize-on must be one of {', '.join(RESIZE_PLACES)}, got {self.resize_on!r}")
         for name in ("batch_size", "shard_size"):
@@ -207,7 +202,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     workers = default_workers(dist.local_world) if cfg.workers is None else cfg.workers
     workers = min(workers, len(specs))
     dataset = reader.DecodedBatches(images, specs, plans, processors, known_bad)
-    batches = reader.loader(dataset, workers, device, cfg.loader) if specs else iter(())
+    batches = iter(reader.loader(dataset, workers, device)) if specs else iter(())
 
     if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
