@@ -24,6 +24,7 @@ float64 matrix products, a small share of a GPU's time next to the two networks.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,27 +55,30 @@ def fixed_point_weights(
 
     Image i is resized from `in_size[i]` to `out_size[i]` pixels along the axis, and output pixels
     `first[i] .. first[i] + n_out - 1` of the result are kept (the crop). Follows Resample.c's
-    `precompute_coeffs` and `normalize_coeffs_8bpc`.
+    `precompute_coeffs` and `normalize_coeffs_8bpc`: the filter is evaluated on each output's window of
+    at most `ksize` taps, then the weights are scattered into the dense matrix.
     """
-    dev = in_size.device
-    f64 = torch.float64
+    dev, f64 = in_size.device, torch.float64
     insz = in_size.to(f64)[:, None, None]
     outsz = out_size.to(f64)[:, None, None]
     scale = insz / outsz
     filterscale = scale.clamp_min(1.0)
     support = SUPPORT[resample] * filterscale
+    ksize = math.ceil(SUPPORT[resample] * float(filterscale.max())) * 2 + 1  # Pillow's widest window
     xx = (first.to(f64)[:, None] + torch.arange(n_out, device=dev, dtype=f64)[None, :])[:, :, None]
     center = (xx + 0.5) * scale
     xmin = torch.trunc(center - support + 0.5).clamp_min(0.0)
     xmax = torch.minimum(torch.trunc(center + support + 0.5), insz)
-    c = torch.arange(in_max, device=dev, dtype=f64)[None, None, :]
-    inside = (c >= xmin) & (c < xmax) & (xx >= 0) & (xx < outsz)
+    c = xmin + torch.arange(ksize, device=dev, dtype=f64)  # (n, n_out, ksize): the window's columns
+    inside = (c < xmax) & (xx >= 0) & (xx < outsz)
     # Pillow evaluates filter((x - center + 0.5) * ss) with ss = 1 / filterscale, in double precision.
     w = _filter((c - center + 0.5) * (1.0 / filterscale), resample).masked_fill_(~inside, 0.0)
     total = w.sum(dim=2, keepdim=True)
-    w = torch.where(total != 0, w / torch.where(total != 0, total, 1.0), w)
+    w = w / torch.where(total != 0, total, 1.0)
     one = float(1 << PRECISION_BITS)
-    return torch.where(w < 0, torch.trunc(w * one - 0.5), torch.trunc(w * one + 0.5))
+    k = torch.where(w < 0, torch.trunc(w * one - 0.5), torch.trunc(w * one + 0.5))
+    dense = torch.zeros((len(in_size), n_out, in_max), dtype=f64, device=dev)
+    return dense.scatter_add_(2, c.clamp(max=in_max - 1).long(), k)  # taps outside add 0
 
 
 def _round_pass(v: Tensor) -> Tensor:
@@ -109,8 +113,9 @@ def resize_crop(
     )
     kw = fixed_point_weights(w_in, w_out, left, cw, wmax, resample)  # (n, cw, W)
     kh = fixed_point_weights(h_in, h_out, top, ch, hmax, resample)  # (n, ch, H)
-    across = _round_pass(torch.matmul(canvas, kw.transpose(1, 2)[:, None]))  # (n, 3, H, cw)
-    return _round_pass(torch.matmul(kh[:, None], across))  # (n, 3, ch, cw)
+    # Horizontal pass as one batched product over the 3 H rows of each image, then the vertical pass.
+    across = _round_pass(torch.bmm(canvas.reshape(n, 3 * hmax, wmax), kw.transpose(1, 2)))
+    return _round_pass(torch.matmul(kh[:, None], across.view(n, 3, hmax, cw)))  # (n, 3, ch, cw)
 
 
 def chunks(sizes: Sequence[tuple[int, int]], budget: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
