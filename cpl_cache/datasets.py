@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +53,9 @@ __all__ = [
     "load_folder",
     "load_officehome",
     "load_rgb",
+    "missing_files_error",
     "prompt_for",
+    "scan_files",
     "split_three_ways",
     "stratified_split",
 ]
@@ -417,31 +419,61 @@ def load_folder(root: Path, domain: str, *, hold_frac: float = 0.5, split_seed: 
     return _scan_tree("folder", root, domain, hold_frac, split_seed)
 
 
+def scan_files(
+    images: ImageList, rows: Sequence[int] | None = None, *, sizes: bool = True
+) -> tuple[list[int], list[int]]:
+    """Rows whose file is missing, and (with `sizes`) rows whose file is empty (0 bytes), of `rows`
+    (default: all).
+
+    Lists each class folder once instead of calling stat per image to find the missing ones (586k
+    stats are slow on network disks); with `sizes`, files that exist are stat-ed for their size.
+    """
+    missing: list[int] = []
+    empty: list[int] = []
+    listings: dict[str, dict[str, int] | None] = {}
+    for row in range(len(images.paths)) if rows is None else rows:
+        rel = images.paths[row]
+        folder, _, name = rel.rpartition("/")
+        if folder not in listings:
+            try:
+                with os.scandir(images.root / folder) as it:
+                    listings[folder] = {e.name: -1 for e in it}
+            except (FileNotFoundError, NotADirectoryError):
+                listings[folder] = None
+        listing = listings[folder]
+        if listing is None or name not in listing:
+            missing.append(int(row))
+            continue
+        if not sizes:
+            continue
+        if listing[name] < 0:
+            try:
+                listing[name] = (images.root / rel).stat().st_size
+            except OSError:
+                missing.append(int(row))
+                continue
+        if listing[name] == 0:
+            empty.append(int(row))
+    return missing, empty
+
+
+def missing_files_error(images: ImageList, missing: Sequence[int], total: int, limit: int = 5) -> UserError:
+    """The one line for listed images that are not there: the count and the first few paths."""
+    shown = ", ".join(images.paths[r] for r in missing[:limit]) + (", ..." if len(missing) > limit else "")
+    return UserError(
+        f"{len(missing)} of {total} images listed for {images.domain} are missing under "
+        f"{images.root} ({shown}); restore them or drop those lines from the lists"
+    )
+
+
 def check_files(images: ImageList, limit: int = 5, *, rows: np.ndarray | None = None) -> None:
     """Raise a UserError with the count and the first few paths if any listed image is missing.
 
-    `rows` restricts the check to some rows (train-weak needs only hold and test). Lists each class
-    folder once instead of calling stat per image (586k stats are slow on network disks).
+    `rows` restricts the check to some rows (train-weak needs only hold and test).
     """
-    paths = images.paths if rows is None else [images.paths[i] for i in rows]
-    listing: dict[str, set[str] | None] = {}
-    missing: list[str] = []
-    for rel in paths:
-        folder, _, name = rel.rpartition("/")
-        if folder not in listing:
-            try:
-                listing[folder] = set(os.listdir(images.root / folder))
-            except (FileNotFoundError, NotADirectoryError):
-                listing[folder] = None
-        names = listing[folder]
-        if names is None or name not in names:
-            missing.append(rel)
+    missing, _ = scan_files(images, None if rows is None else rows.tolist(), sizes=False)
     if missing:
-        shown = ", ".join(missing[:limit]) + (", ..." if len(missing) > limit else "")
-        raise UserError(
-            f"{len(missing)} of {len(paths)} images listed for {images.domain} are missing under "
-            f"{images.root} ({shown}); restore them or drop those lines from the lists"
-        )
+        raise missing_files_error(images, missing, len(images) if rows is None else len(rows), limit)
 
 
 def prompt_for(class_name: str) -> str:

@@ -10,7 +10,6 @@ batch's `failed` list, and the main process decides whether to stop or skip.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cpl_cache.datasets import ImageList, check_files, load_rgb
+from cpl_cache.datasets import ImageList, load_rgb, missing_files_error, scan_files
 from cpl_cache.errors import UserError
 
 # Processors whose steps are resize (shortest edge or fixed size), centre crop, rescale, normalise,
@@ -399,34 +398,6 @@ def _identity(item: Any) -> Any:
 # ------------------------------------------------------------------------------------ file checks
 
 
-def scan_files(images: ImageList) -> tuple[list[int], list[int]]:
-    """Rows whose file is missing, and rows whose file is empty, with one directory listing per folder."""
-    missing: list[int] = []
-    empty: list[int] = []
-    sizes: dict[str, dict[str, int] | None] = {}
-    for row, rel in enumerate(images.paths):
-        folder, _, name = rel.rpartition("/")
-        if folder not in sizes:
-            try:
-                with os.scandir(images.root / folder) as it:
-                    sizes[folder] = {e.name: -1 for e in it}
-            except (FileNotFoundError, NotADirectoryError):
-                sizes[folder] = None
-        listing = sizes[folder]
-        if listing is None or name not in listing:
-            missing.append(row)
-            continue
-        if listing[name] < 0:
-            try:
-                listing[name] = (images.root / rel).stat().st_size
-            except OSError:
-                missing.append(row)
-                continue
-        if listing[name] == 0:
-            empty.append(row)
-    return missing, empty
-
-
 def check_before_models(images: ImageList, on_bad_image: str, limit: int = 5) -> dict[int, str]:
     """The checks that cost seconds, before any model is loaded: missing and zero-byte files.
 
@@ -436,7 +407,7 @@ def check_before_models(images: ImageList, on_bad_image: str, limit: int = 5) ->
     missing, empty = scan_files(images)
     if on_bad_image == "error":
         if missing:
-            check_files(images, limit=limit)  # the reader's own message: count and first few
+            raise missing_files_error(images, missing, len(images), limit)
         if empty:
             shown = ", ".join(images.paths[r] for r in empty[:limit]) + (
                 ", ..." if len(empty) > limit else ""
