@@ -14,6 +14,7 @@ passes through autograd, and tests hold each form to autograd's gradient of the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -86,10 +87,19 @@ def adaptconf(s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, 
     return ((1.0 - a) * _kd_per_sample(s, w, T) + a * ce_self).mean()
 
 
-# The closed-form gradients: `grad(s, weak_probs, weak_argmax, progress) -> d loss / d s`, with s the
-# (detached) student logits (B, K), weak_probs = softmax(w) (B, K) and weak_argmax = argmax(w) (B,), both
-# computed once per run. Each returns a fresh tensor it may overwrite.
-LogitGrad = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+@dataclass(frozen=True)
+class LogitGrad:
+    """A closed-form gradient, `grad(s, weak_probs, weak_argmax, progress) -> d loss / d s`, with s the
+    (detached) student logits (B, K), weak_probs = softmax(w) (B, K) and weak_argmax = argmax(w) (B,), both
+    computed once per domain; it returns a fresh tensor. `probs` and `top` say which of the two it reads:
+    the trainer gathers only those per batch (and passes None for the other)."""
+
+    fn: Callable[[Tensor, Tensor | None, Tensor | None, float], Tensor]
+    probs: bool
+    top: bool
+
+    def __call__(self, s: Tensor, pw: Tensor | None, yw: Tensor | None, progress: float) -> Tensor:
+        return self.fn(s, pw, yw, progress)
 
 
 def _minus_onehot_(g: Tensor, cls: Tensor, weight: Tensor | float) -> Tensor:
@@ -145,12 +155,13 @@ LOSSES: dict[str, Loss] = {
 # Keyed by the function, not the name: a loss registered with other constants (a `functools.partial`)
 # has no entry and trains through autograd.
 LOGIT_GRADS: dict[Loss, LogitGrad] = {
-    soft: _soft_grad,
-    hard: _hard_grad,
-    kd: _soft_grad,  # at T = 1, KL(pw || ps) and CE(s, pw) differ by the entropy of pw, a constant in s
-    auxconf: _auxconf_grad,
-    augconf: _augconf_grad,
-    adaptconf: _adaptconf_grad,
+    soft: LogitGrad(_soft_grad, probs=True, top=False),
+    hard: LogitGrad(_hard_grad, probs=False, top=True),
+    # At T = 1, KL(pw || ps) and CE(s, pw) differ by the entropy of pw, a constant in s.
+    kd: LogitGrad(_soft_grad, probs=True, top=False),
+    auxconf: LogitGrad(_auxconf_grad, probs=True, top=False),
+    augconf: LogitGrad(_augconf_grad, probs=True, top=False),
+    adaptconf: LogitGrad(_adaptconf_grad, probs=True, top=True),
 }
 
 

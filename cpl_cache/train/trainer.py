@@ -255,8 +255,9 @@ def fit(
         if grad_fn is None:
             loss_fn(logits, targets.logits.index_select(0, idx), step / total).backward()
         else:
-            with torch.no_grad():
-                probs, top = targets.probs.index_select(0, idx), targets.top[idx]
+            with torch.no_grad():  # only what the form reads is gathered (the ceilings' hard loss: no probs)
+                probs = targets.probs.index_select(0, idx) if grad_fn.probs else None
+                top = targets.top.index_select(0, idx) if grad_fn.top else None
                 grad = grad_fn(logits.detach(), probs, top, step / total)
             logits.backward(grad)
         opt.step()
