@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cpl_cache.errors import UserError
-from cpl_cache.extract.reader import ImagePlan, plan_for
+from cpl_cache.extract.reader import ImagePlan, place_resizes, plan_for
 
 _FINGERPRINT_SUFFIXES = {".json", ".safetensors", ".bin", ".txt", ".model", ".pt"}
 
@@ -234,8 +234,6 @@ def plans_for(
     device: str = "cpu",
 ) -> tuple[ImagePlan, ImagePlan]:
     """Both models' preprocessing plans; `resize_on` (auto, workers, device) places their resizes."""
-    from cpl_cache.extract.reader import place_resizes
-
     plans = place_resizes(
         (plan_for(strong_processor, resize), plan_for(weak_processor, resize)), resize_on, device
     )

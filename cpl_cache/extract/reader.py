@@ -290,9 +290,9 @@ class DecodedBatches:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def decode(self, row: int) -> list[np.ndarray | None]:
-        """Every plan's pixels for one row, from one decode of the file; a plan resized on the device
-        gets None and the decoded (H, W, 3) array is appended last."""
+    def decode(self, row: int) -> tuple[list[np.ndarray | None], np.ndarray | None]:
+        """Every plan's pixels for one row, from one decode of the file (None for a plan resized on
+        the device), and the decoded (H, W, 3) image itself where such a plan needs it."""
         img = load_rgb(self.root / self.paths[row])
         full = np.asarray(img) if self._needs_array or self._raw else None
         out: list[np.ndarray | None] = []
@@ -303,9 +303,7 @@ class DecodedBatches:
                 out.append(plan.apply(img, full))
             else:
                 out.append(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0], np.float32))
-        if self._raw:
-            out.append(full)
-        return out
+        return out, full if self._raw else None
 
     def __getitem__(self, b: int) -> dict[str, Any]:
         import torch
@@ -329,12 +327,12 @@ class DecodedBatches:
                 failed.append((row, self.known_bad[row]))
                 continue
             try:
-                arrays = self.decode(row)
+                arrays, full = self.decode(row)
             except Exception as err:  # noqa: BLE001 - every decode failure becomes a marker, never a raise
                 failed.append((row, _describe_error(err)))
                 continue
-            if self._raw:
-                decoded.append(arrays.pop())
+            if full is not None:
+                decoded.append(full)
             for plan, out, store, arr in zip(self.plans, outs, lists, arrays, strict=True):
                 if out is not None:
                     out[len(rows)].numpy()[...] = arr

@@ -279,13 +279,15 @@ def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = N
     device = resolve_device(cfg.device)
     if data is None:
         data = load_domain(cfg.cache_dir, cfg.domain)
-    if not isinstance(data, DomainTensors) or data.device != device:
-        data = DomainTensors(getattr(data, "data", data), device, str(domain_dir(cfg.cache_dir, cfg.domain)))
-    dt, cache = data, data.data
+    cache = data.data if isinstance(data, DomainTensors) else data
     if cache.manifest.get("domain") != cfg.domain:
         raise ValueError(
             f"data holds domain {cache.manifest.get('domain')!r}, the config says {cfg.domain!r}"
         )
+    if isinstance(data, DomainTensors) and data.device == device:
+        dt = data
+    else:
+        dt = DomainTensors(cache, device, str(domain_dir(cfg.cache_dir, cfg.domain)))
     if method.trains and hp.epochs > 0 and len(dt.train) == 0:
         raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
     if device == "cpu":
