@@ -21,7 +21,16 @@ from cpl_cache.methods import METHODS
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.heads import get_head
 from cpl_cache.train.losses import LOGIT_GRADS, get_loss
-from cpl_cache.train.trainer import TRUTH_OFF, Targets, TrainConfig, fit, resolve, result_path, run_training
+from cpl_cache.train.trainer import (
+    TRUTH_OFF,
+    AdamW,
+    Targets,
+    TrainConfig,
+    fit,
+    resolve,
+    result_path,
+    run_training,
+)
 
 DOMAIN = "clipart"
 # Clean strong features (small image noise) and a weak supervisor right half the time.
@@ -120,6 +129,36 @@ def test_closed_form_steps_equal_autograd_steps(method: str, clean: Path):
     for closed, auto, p0 in zip(*params, start, strict=True):
         assert (closed - p0).abs().max() > 1e-3  # it trained
         torch.testing.assert_close(closed, auto, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_steps_equal_torch_optim_adamw(fused: bool):
+    """The trainer's AdamW moves parameters as torch.optim.AdamW(fused=True) does over steps of changing
+    learning rate, with weight decay: bit for bit through the fused kernel, to rounding without it."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=g), torch.randn(5, generator=g)]
+    scales = torch.logspace(-9, 0, 5)  # rows from where eps dominates the step to where it is negligible
+    grads = [
+        [torch.randn(p.shape, generator=g) * scales.view(-1, *[1] * (p.dim() - 1)) for p in start]
+        for _ in range(6)
+    ]
+    lrs = [0.1 * 0.7**i for i in range(6)]
+    ref = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = torch.optim.AdamW(ref, lr=lrs[0], weight_decay=1e-2, fused=True)
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    mine = AdamW(ours, weight_decay=1e-2)
+    mine.fused = fused
+    if not fused:
+        mine.steps = [s.cpu() for s in mine.steps]
+    for gs, lr in zip(grads, lrs, strict=True):
+        for p, gp in zip(ref, gs, strict=True):
+            p.grad = gp
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        mine.step(gs, lr)
+    for a, b, p0 in zip(ours, ref, start, strict=True):
+        assert (a - p0).abs().min() > 1e-3  # every element moved
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if not fused else 0)
 
 
 @pytest.mark.parametrize("method", PLANTED)

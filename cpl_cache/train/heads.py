@@ -4,6 +4,11 @@
 `logit_scale`; the prompt head also reads the CLIP checkpoint, `token_ids` and `prefix_len`). Every
 head maps L2-normalised float32 embeddings (B, D) to logits (B, K); the trainer normalises the cached
 embeddings once, so a head never re-normalises its input.
+
+The proto and linear heads also have `closed_form(x) -> (logits, backward)`: the logits without
+autograd, and `backward(g)`, the gradients of the head's parameters (in `parameters()` order) given g =
+d loss / d logits. With a loss's closed-form gradient (`losses.LOGIT_GRADS`) the trainer steps through
+it and never builds an autograd graph; tests hold both to autograd.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ class HeadSpec:
     prefix_len: int | None = None
 
 
+def _scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """w = scale * p / ||p|| per row, and the per-row factor f = scale / ||p|| (K, 1)."""
+    f = scale / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
+    return p * f, f
+
+
+def _scaled_rows_backward(w: Tensor, f: Tensor, scale: float, g: Tensor) -> Tensor:
+    """d(s u)/dp applied to g, with u = p / ||p|| = w / s:  (s / ||p||) (g - u (u . g))."""
+    along = torch.linalg.vecdot(w, g, dim=1)[:, None] / (scale * scale)
+    return torch.addcmul(g, w, along, value=-1.0).mul_(f)
+
+
 class _ScaledRowNormalize(torch.autograd.Function):
     """scale * p / ||p|| per row, with its backward in closed form: five ops over (K, D) where autograd
     through `F.normalize` and a multiply runs about a dozen (at K = 345, D = 512 on a 2-core CPU,
@@ -40,18 +57,18 @@ class _ScaledRowNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, p: Tensor, scale: float) -> Tensor:
-        f = scale / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
-        w = p * f
+        w, f = _scaled_rows(p, scale)
         ctx.save_for_backward(w, f)
         ctx.scale = scale
         return w
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
-        # d(s u)/dp applied to g, with u = p / ||p|| = w / s:  (s / ||p||) (g - u (u . g)).
         w, f = ctx.saved_tensors
-        along = torch.linalg.vecdot(w, g, dim=1)[:, None] / (ctx.scale * ctx.scale)
-        return torch.addcmul(g, w, along, value=-1.0).mul_(f), None
+        return _scaled_rows_backward(w, f, ctx.scale, g), None
+
+
+Backward = Callable[[Tensor], tuple[Tensor, ...]]
 
 
 class ProtoHead(nn.Module):
@@ -68,6 +85,12 @@ class ProtoHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, _ScaledRowNormalize.apply(self.prototypes, self.scale))
 
+    @torch.no_grad()
+    def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
+        """The logits, without autograd, and the map from d loss / d logits to the prototypes' gradient."""
+        w, f = _scaled_rows(self.prototypes, self.scale)
+        return x @ w.T, lambda g: (_scaled_rows_backward(w, f, self.scale, g.T @ x),)
+
 
 class LinearHead(nn.Module):
     """A linear probe, logits = W x + b, initialised as `nn.Linear` does but from a given generator."""
@@ -80,6 +103,11 @@ class LinearHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
+        """The logits, without autograd, and the map from d loss / d logits to (d weight, d bias)."""
+        return torch.addmm(self.bias, x, self.weight.T), lambda g: (g.T @ x, g.sum(dim=0))
 
 
 def proto_head(spec: Any, generator: torch.Generator | None = None) -> ProtoHead:
