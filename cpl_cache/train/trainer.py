@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -272,40 +273,55 @@ def fit(
     # Each step's rows land in the same buffers: fresh (B, D) and (B, K) tensors every step cost page faults.
     x_buf = x.new_empty(bs, x.shape[1])
     probs_buf = targets.probs.new_empty(bs, targets.probs.shape[1]) if grad_fn and grad_fn.probs else None
-    curve = []
-    for step in range(total):
-        if evaluate is not None and step in at:
-            curve.append(evaluate(step))
-        i = step % per_epoch
-        if i == 0:  # a fresh permutation per epoch, drawn on the CPU so every device sees the same one
-            perm = torch.randperm(n, generator=generator).to(x.device)
-        idx = perm[i * bs : (i + 1) * bs]
-        lr = hp.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-        xb = torch.index_select(x, 0, idx, out=x_buf[: len(idx)])
-        if grad_fn is None:  # autograd through the loss
+
+    def gathered(idx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The targets' softmax and argmax rows the form reads (the ceilings' hard loss: no probs)."""
+        probs = (
+            torch.index_select(targets.probs, 0, idx, out=probs_buf[: len(idx)]) if grad_fn.probs else None
+        )
+        return probs, targets.top.index_select(0, idx) if grad_fn.top else None
+
+    def autograd_grads(backward: Callable[[], None]) -> list[Tensor]:
+        with torch.enable_grad():
             for p in params:
                 p.grad = None
-            loss_fn(head(xb), targets.logits.index_select(0, idx), step / total).backward()
-            grads = [p.grad for p in params]
-        else:
-            with torch.no_grad():  # only what the form reads is gathered (the ceilings' hard loss: no probs)
-                probs = (
-                    torch.index_select(targets.probs, 0, idx, out=probs_buf[: len(idx)])
-                    if grad_fn.probs
-                    else None
-                )
-                top = targets.top.index_select(0, idx) if grad_fn.top else None
-            if head_form is not None:  # closed form end to end
-                with torch.no_grad():
-                    logits, backward = head_form(xb)
-                    grads = list(backward(grad_fn(logits, probs, top, step / total)))
-            else:  # closed form in the logits, autograd through the head (the prompt head)
-                for p in params:
-                    p.grad = None
+            backward()
+        return [p.grad for p in params]
+
+    if grad_fn is None:  # autograd through the loss
+
+        def grads_of(xb: Tensor, idx: Tensor, progress: float) -> list[Tensor]:
+            w = targets.logits.index_select(0, idx)
+            return autograd_grads(lambda: loss_fn(head(xb), w, progress).backward())
+
+    elif head_form is not None:  # closed form end to end: no autograd graph
+
+        def grads_of(xb: Tensor, idx: Tensor, progress: float) -> list[Tensor]:
+            logits, backward = head_form(xb)
+            return list(backward(grad_fn(logits, *gathered(idx), progress)))
+
+    else:  # closed form in the logits, autograd through the head (the prompt head)
+
+        def grads_of(xb: Tensor, idx: Tensor, progress: float) -> list[Tensor]:
+            probs, top = gathered(idx)
+
+            def backward() -> None:
                 logits = head(xb)
-                logits.backward(grad_fn(logits.detach(), probs, top, step / total))
-                grads = [p.grad for p in params]
-        opt.step(grads, lr)
+                logits.backward(grad_fn(logits.detach(), probs, top, progress))
+
+            return autograd_grads(backward)
+
+    curve = []
+    with torch.no_grad():
+        for step in range(total):
+            if evaluate is not None and step in at:
+                curve.append(evaluate(step))
+            i = step % per_epoch
+            if i == 0:  # a fresh permutation per epoch, drawn on the CPU so every device sees the same one
+                perm = torch.randperm(n, generator=generator).to(x.device)
+            idx = perm[i * bs : (i + 1) * bs]
+            xb = torch.index_select(x, 0, idx, out=x_buf[: len(idx)])
+            opt.step(grads_of(xb, idx, step / total), hp.lr * 0.5 * (1.0 + math.cos(math.pi * step / total)))
     if evaluate is not None:
         curve.append(evaluate(total))
     return curve
