@@ -38,6 +38,10 @@ class HeadSpec:
     prefix_len: int | None = None
 
 
+# What `closed_form` returns beside the logits: d loss / d logits -> the parameters' gradients.
+Backward = Callable[[Tensor], tuple[Tensor, ...]]
+
+
 def _scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """w = scale * p / ||p|| per row, and the per-row factor f = scale / ||p|| (K, 1)."""
     f = scale / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
@@ -66,9 +70,6 @@ class _ScaledRowNormalize(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         w, f = ctx.saved_tensors
         return _scaled_rows_backward(w, f, ctx.scale, g), None
-
-
-Backward = Callable[[Tensor], tuple[Tensor, ...]]
 
 
 class ProtoHead(nn.Module):
