@@ -146,10 +146,7 @@ def test_adamw_steps_equal_torch_optim_adamw(fused: bool):
     ref = [torch.nn.Parameter(p.clone()) for p in start]
     opt = torch.optim.AdamW(ref, lr=lrs[0], weight_decay=1e-2, fused=True)
     ours = [torch.nn.Parameter(p.clone()) for p in start]
-    mine = AdamW(ours, weight_decay=1e-2)
-    mine.fused = fused
-    if not fused:
-        mine.steps = [s.cpu() for s in mine.steps]
+    mine = AdamW(ours, weight_decay=1e-2, fused=fused)
     for gs, lr in zip(grads, lrs, strict=True):
         for p, gp in zip(ref, gs, strict=True):
             p.grad = gp

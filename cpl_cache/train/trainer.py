@@ -219,11 +219,17 @@ class AdamW:
     a gradient (the prompt head's frozen text tower) are left out."""
 
     def __init__(
-        self, params: Any, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+        self,
+        params: Any,
+        weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        fused: bool | None = None,
     ):
         self.params = [p for p in params if p.requires_grad]
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
-        self.fused = all(p.device.type in ("cpu", "cuda") for p in self.params)
+        # None: the fused kernel wherever the parameters' device has it (the CPU and CUDA).
+        self.fused = all(p.device.type in ("cpu", "cuda") for p in self.params) if fused is None else fused
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         # The fused kernel keeps its step counts on the parameters' device, as torch.optim.AdamW does.
