@@ -74,12 +74,14 @@ def test_closed_form_equals_the_head_through_autograd(name: str):
         ref_logits = x @ ref_params[0].T + ref_params[1]
     ref = torch.autograd.grad(ref_logits, ref_params, upstream)
     logits, backward = head.closed_form(x)
-    got = backward(upstream)
     assert not logits.requires_grad
     torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-12, atol=1e-12)
-    assert len(got) == len(ref) == len(list(head.parameters()))
-    for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # backward(g, alpha) is the gradient for the upstream alpha * g (the trainer's alpha is 1 / B).
+    for alpha in (1.0, 0.3):
+        got = backward(upstream / alpha, alpha)
+        assert len(got) == len(ref) == len(list(head.parameters()))
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_proto_head_without_text_embeddings_says_what_to_do():

@@ -115,7 +115,25 @@ def test_closed_form_gradient_matches_the_plain_formula(name: str, progress: flo
     grad = form(
         s.clone(), softmax(w) if form.probs else None, w.argmax(dim=1) if form.top else None, progress
     )
+    # A form leaves out the mean's 1 / B, which the trainer applies in the head's backward.
+    torch.testing.assert_close(grad / len(s), ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["auxconf", "augconf", "adaptconf"])
+def test_closed_form_takes_the_first_of_tied_maxima_as_argmax_does(name: str):
+    """On the CPU the student's one-hot is the mask s == max s, exact only without ties; rows whose maximum
+    is tied (two equal prototypes give that in every row) must still take argmax's first index."""
+    g = torch.Generator().manual_seed(11)
+    s = 3 * torch.randn(12, 9, generator=g, dtype=torch.float64)
+    w = 3 * torch.randn(12, 9, generator=g, dtype=torch.float64)
+    s[:4, 6] = s[:4, 2] = s[:4].max(dim=1).values + 1.0  # rows 0-3: a tie at columns 2 and 6
+    s[4, [1, 5, 8]] = s[4].max() + 0.5  # row 4: three tied
+    _, ref = value_and_grad(REFERENCE[name], s, w, 0.5)
+    form = LOGIT_GRADS[LOSSES[name]]
+    grad = form(s.clone(), softmax(w), w.argmax(dim=1) if form.top else None, 0.5) / len(s)
     torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
+    # The tie moves the step: at column 6 the gradient is the plain softmax term's, not the one-hot's.
+    assert (grad[:4, 2] < grad[:4, 6]).all()
 
 
 def test_a_loss_with_other_constants_has_no_closed_form():

@@ -6,9 +6,10 @@ head maps L2-normalised float32 embeddings (B, D) to logits (B, K); the trainer 
 embeddings once, so a head never re-normalises its input.
 
 The proto and linear heads also have `closed_form(x) -> (logits, backward)`: the logits without
-autograd, and `backward(g)`, the gradients of the head's parameters (in `parameters()` order) given g =
-d loss / d logits. With a loss's closed-form gradient (`losses.LOGIT_GRADS`) the trainer steps through
-it and never builds an autograd graph; tests hold both to autograd.
+autograd, and `backward(g, alpha=1)`, the gradients of the head's parameters (in `parameters()` order)
+given alpha * g = d loss / d logits (alpha rides on a matrix product: free, where scaling g costs a pass
+over (B, K)). With a loss's closed-form gradient (`losses.LOGIT_GRADS`) the trainer steps through it and
+never builds an autograd graph; tests hold both to autograd.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class HeadSpec:
     prefix_len: int | None = None
 
 
-# What `closed_form` returns beside the logits: d loss / d logits -> the parameters' gradients.
-Backward = Callable[[Tensor], tuple[Tensor, ...]]
+# What `closed_form` returns beside the logits: (g, alpha) -> the parameters' gradients for d loss / d
+# logits = alpha * g.
+Backward = Callable[..., tuple[Tensor, ...]]
 
 
 def _scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -48,10 +50,10 @@ def _scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     return p * f, f
 
 
-def _scaled_rows_backward(w: Tensor, f: Tensor, scale: float, g: Tensor) -> Tensor:
-    """d(s u)/dp applied to g, with u = p / ||p|| = w / s:  (s / ||p||) (g - u (u . g))."""
+def _scaled_rows_backward(w: Tensor, f: Tensor, scale: float, g: Tensor, alpha: float = 1.0) -> Tensor:
+    """d(s u)/dp applied to alpha * g, with u = p / ||p|| = w / s:  alpha (s / ||p||) (g - u (u . g))."""
     along = torch.linalg.vecdot(w, g, dim=1)[:, None] / (scale * scale)
-    return torch.addcmul(g, w, along, value=-1.0).mul_(f)
+    return torch.addcmul(g, w, along, value=-1.0).mul_(f if alpha == 1.0 else f * alpha)
 
 
 class _ScaledRowNormalize(torch.autograd.Function):
@@ -90,7 +92,7 @@ class ProtoHead(nn.Module):
     def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
         """The logits, without autograd, and the map from d loss / d logits to the prototypes' gradient."""
         w, f = _scaled_rows(self.prototypes, self.scale)
-        return x @ w.T, lambda g: (_scaled_rows_backward(w, f, self.scale, g.T @ x),)
+        return x @ w.T, lambda g, alpha=1.0: (_scaled_rows_backward(w, f, self.scale, g.T @ x, alpha),)
 
 
 class LinearHead(nn.Module):
@@ -108,7 +110,12 @@ class LinearHead(nn.Module):
     @torch.no_grad()
     def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
         """The logits, without autograd, and the map from d loss / d logits to (d weight, d bias)."""
-        return torch.addmm(self.bias, x, self.weight.T), lambda g: (g.T @ x, g.sum(dim=0))
+
+        def backward(g: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+            # beta = 0: addmm reads the weight only for its shape, and applies alpha inside the product.
+            return torch.addmm(self.weight, g.T, x, beta=0, alpha=alpha), g.sum(dim=0).mul_(alpha)
+
+        return torch.addmm(self.bias, x, self.weight.T), backward
 
 
 def proto_head(spec: Any, generator: torch.Generator | None = None) -> ProtoHead:

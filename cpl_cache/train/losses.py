@@ -7,8 +7,10 @@ keyword arguments expose the constants for ablations (e.g. `functools.partial(kd
 With its default constants, every loss here has the same gradient shape with respect to the student
 logits: d loss / d s = (softmax(s) - target) / B, where the target mixes softmax(w), onehot(argmax w)
 and onehot(argmax s), with weights that never carry gradient. `LOGIT_GRADS` holds that closed form for
-each registered function; the trainer steps with it instead of differentiating the loss's ~10 elementwise
-passes through autograd, and tests hold each form to autograd's gradient of the loss itself.
+each registered function, without the 1 / B (the trainer folds it into the head's backward matrix
+product instead of spending a pass over (B, K) on it); the trainer steps with it instead of
+differentiating the loss's ~10 elementwise passes through autograd, and tests hold each form to
+autograd's gradient of the loss itself.
 """
 
 from __future__ import annotations
@@ -89,10 +91,11 @@ def adaptconf(s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, 
 
 @dataclass(frozen=True)
 class LogitGrad:
-    """A closed-form gradient, `grad(s, weak_probs, weak_argmax, progress) -> d loss / d s`, with s the
-    (detached) student logits (B, K), weak_probs = softmax(w) (B, K) and weak_argmax = argmax(w) (B,), both
-    computed once per domain; it returns a fresh tensor. `probs` and `top` say which of the two it reads:
-    the trainer gathers only those per batch (and passes None for the other)."""
+    """A closed-form gradient, `grad(s, weak_probs, weak_argmax, progress) -> B * d loss / d s` (the gradient
+    of the loss summed over the batch's rows rather than averaged), with s the (detached) student logits
+    (B, K), weak_probs = softmax(w) (B, K) and weak_argmax = argmax(w) (B,), both computed once per domain;
+    it returns a fresh tensor and may overwrite s (the trainer is done with it). `probs` and `top` say
+    which of the two it reads: the trainer gathers only those per batch (and passes None for the other)."""
 
     fn: Callable[[Tensor, Tensor | None, Tensor | None, float], Tensor]
     probs: bool
@@ -108,18 +111,43 @@ def _minus_onehot_(g: Tensor, cls: Tensor, weight: Tensor | float) -> Tensor:
     return g.scatter_add_(1, cls[:, None], minus)
 
 
+def _minus_at_argmax_(g: Tensor, s: Tensor, top: Tensor, weight: Tensor | float) -> Tensor:
+    """g[i, argmax s_i] -= weight (a float, or a (B, 1) column of per-row weights), in place, given
+    top = s.amax(dim=1, keepdim=True). On the CPU this overwrites s.
+
+    On the CPU torch's argmax is a scalar loop, about four times the vectorised `amax` (0.54 against
+    0.14 ms at B = 1024, K = 345 on 2 cores), so there the one-hot is the mask s == top, written over s
+    (a fresh (B, K) tensor costs ~340 page faults a step): argmax's one-hot exactly when no row's maximum
+    is tied, which one sum checks. Where a row's maximum is tied (two equal prototypes, say) it takes the
+    first, as argmax does, and as other devices do, where the check would cost a synchronisation.
+    """
+    if s.device.type == "cpu":
+        hit = torch.eq(s, top, out=s)
+        if hit.sum().item() == len(s):
+            return (
+                g.addcmul_(hit, weight, value=-1.0)
+                if isinstance(weight, Tensor)
+                else g.sub_(hit, alpha=weight)
+            )
+        first = hit.argmax(dim=1, keepdim=True)  # the first of each row's maxima
+    else:
+        first = s.argmax(dim=1, keepdim=True)
+    minus = weight.neg() if isinstance(weight, Tensor) else g.new_full((len(g), 1), -weight)
+    return g.scatter_add_(1, first, minus)
+
+
 def _soft_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
-    return torch.softmax(s, dim=1).sub_(pw).div_(len(s))
+    return torch.softmax(s, dim=1).sub_(pw)
 
 
 def _hard_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
-    return _minus_onehot_(torch.softmax(s, dim=1), yw, 1.0).div_(len(s))
+    return _minus_onehot_(torch.softmax(s, dim=1), yw, 1.0)
 
 
 def _self_mix_grad(s: Tensor, pw: Tensor, coef: float) -> Tensor:
     """Target (1 - coef) softmax(w) + coef onehot(argmax s): auxconf's and, at T = 1, augconf's."""
     g = torch.softmax(s, dim=1).sub_(pw, alpha=1.0 - coef)
-    return _minus_onehot_(g, s.argmax(dim=1), coef).div_(len(s))
+    return _minus_at_argmax_(g, s, s.amax(dim=1, keepdim=True), coef)
 
 
 # The constants are read from the losses' own defaults, so the two forms cannot drift apart.
@@ -134,12 +162,10 @@ def _augconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
 
 
 def _adaptconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
-    # CE(s, argmax s) - CE(s, argmax w) = s[argmax w] - max s: the log-partition cancels. (argmax and a
-    # gather cost ~0.15 ms less than `max` with indices at B = 1024, K = 345 on a 2-core CPU.)
-    ys = s.argmax(dim=1, keepdim=True)
-    a = (s.gather(1, yw[:, None]) - s.gather(1, ys)).div_(adaptconf.__kwdefaults__["tau"]).sigmoid_()
-    g = torch.softmax(s, dim=1).addcmul_(pw, a - 1.0)
-    return g.scatter_add_(1, ys, a.neg_()).div_(len(s))
+    # CE(s, argmax s) - CE(s, argmax w) = s[argmax w] - max s: the log-partition cancels.
+    top = s.amax(dim=1, keepdim=True)
+    a = (s.gather(1, yw[:, None]) - top).div_(adaptconf.__kwdefaults__["tau"]).sigmoid_()
+    return _minus_at_argmax_(torch.softmax(s, dim=1).addcmul_(pw, a - 1.0), s, top, a)
 
 
 LOSSES: dict[str, Loss] = {

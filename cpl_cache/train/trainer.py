@@ -304,7 +304,7 @@ def fit(
 
         def grads_of(xb: Tensor, idx: Tensor, progress: float) -> list[Tensor]:
             logits, backward = head_form(xb)
-            return list(backward(grad_fn(logits, *gathered(idx), progress)))
+            return list(backward(grad_fn(logits, *gathered(idx), progress), 1.0 / len(idx)))
 
     else:  # closed form in the logits, autograd through the head (the prompt head)
 
@@ -313,7 +313,8 @@ def fit(
 
             def backward() -> None:
                 logits = head(xb)
-                logits.backward(grad_fn(logits.detach(), probs, top, progress))
+                # A form may overwrite its logits, and autograd may hold these: it gets a copy.
+                logits.backward(grad_fn(logits.detach().clone(), probs, top, progress).div_(len(idx)))
 
             return autograd_grads(backward)
 
