@@ -10,6 +10,7 @@ import torch
 
 from cpl_cache.errors import UserError
 from cpl_cache.losses import LOSSES, get_loss
+from cpl_cache.train import losses
 from cpl_cache.train.losses import LOGIT_GRADS, kd
 
 
@@ -102,10 +103,15 @@ def test_loss_matches_plain_formula(name: str, progress: float):
     torch.testing.assert_close(gr32.double(), rgr, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask", [True, False], ids=["mask-argmax", "argmax"])
 @pytest.mark.parametrize("progress", [0.0, 0.04, 0.2, 0.5, 1.0])
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_closed_form_gradient_matches_the_plain_formula(name: str, progress: float):
-    """The trainer steps with LOGIT_GRADS: it must be the gradient of the loss as PAPER.md writes it."""
+def test_closed_form_gradient_matches_the_plain_formula(
+    name: str, progress: float, mask: bool, monkeypatch: pytest.MonkeyPatch
+):
+    """The trainer steps with LOGIT_GRADS: it must be the gradient of the loss as PAPER.md writes it,
+    both where the student's one-hot is a comparison mask (the CPU) and where it is argmax (others)."""
+    monkeypatch.setattr(losses, "MASK_ARGMAX_DEVICES", ("cpu",) if mask else ())
     g = torch.Generator().manual_seed(7 + 1000 * sorted(REFERENCE).index(name) + round(100 * progress))
     s = 3 * torch.randn(16, 9, generator=g, dtype=torch.float64)
     w = 3 * torch.randn(16, 9, generator=g, dtype=torch.float64)

@@ -111,6 +111,10 @@ def _minus_onehot_(g: Tensor, cls: Tensor, weight: Tensor | float) -> Tensor:
     return g.scatter_add_(1, cls[:, None], minus)
 
 
+# Device types where the student's one-hot is a comparison mask rather than argmax (see below).
+MASK_ARGMAX_DEVICES = ("cpu",)
+
+
 def _minus_at_argmax_(g: Tensor, s: Tensor, top: Tensor, weight: Tensor | float) -> Tensor:
     """g[i, argmax s_i] -= weight (a float, or a (B, 1) column of per-row weights), in place, given
     top = s.amax(dim=1, keepdim=True). On the CPU this overwrites s.
@@ -121,7 +125,7 @@ def _minus_at_argmax_(g: Tensor, s: Tensor, top: Tensor, weight: Tensor | float)
     is tied, which one sum checks. Where a row's maximum is tied (two equal prototypes, say) it takes the
     first, as argmax does, and as other devices do, where the check would cost a synchronisation.
     """
-    if s.device.type == "cpu":
+    if s.device.type in MASK_ARGMAX_DEVICES:
         hit = torch.eq(s, top, out=s)
         if hit.sum().item() == len(s):
             return (
