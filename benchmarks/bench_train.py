@@ -123,7 +123,7 @@ def reference_loop(data, device: str, seed: int = 0) -> dict:
     return {"seconds": time.perf_counter() - t0, "epochs": REFERENCE["epochs"], "test_acc": acc}
 
 
-MAX_STEAL = 0.02  # a repeat during which the hypervisor took more of the CPU time is measured again
+MAX_STEAL = 0.02  # an epoch whose window lost more of the CPU time to the hypervisor is left out
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

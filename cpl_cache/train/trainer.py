@@ -237,6 +237,8 @@ class AdamW:
 
     @torch.no_grad()
     def step(self, grads: list[Tensor], lr: float) -> None:
+        # `grads` must be contiguous, like their parameters: torch's fused CPU kernel reads a strided
+        # gradient (a column slice, say) as if it were contiguous and steps wrongly, without an error.
         adamw(
             self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps,
             fused=self.fused or None, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1],
