@@ -213,10 +213,10 @@ def predict(head: nn.Module, x: Tensor) -> Tensor:
 
 class AdamW:
     """`torch.optim.AdamW`'s update (decoupled weight decay, bias correction, default betas and eps) as one
-    call of torch's functional `adamw` per step, fused where the device has the kernel: the arithmetic of
-    `torch.optim.AdamW(fused=True)` without the optimiser object's per-step bookkeeping (hooks, state
-    look-ups, group loops: about 0.1 ms of a 6 ms step on a 2-core CPU). Parameters that do not require
-    a gradient (the prompt head's frozen text tower) are left out."""
+    call of torch's fused kernel per step where the device has it (else the functional `adamw`): the
+    arithmetic of `torch.optim.AdamW(fused=True)`, bit for bit, without the optimiser object's per-step
+    bookkeeping (hooks, state look-ups, group loops: about 0.1 ms of a 6 ms step on a 2-core CPU).
+    Parameters that do not require a gradient (the prompt head's frozen text tower) are left out."""
 
     def __init__(
         self,
@@ -234,11 +234,23 @@ class AdamW:
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         # The fused kernel keeps its step counts on the parameters' device, as torch.optim.AdamW does.
         self.steps = [torch.zeros((), device=p.device if self.fused else "cpu") for p in self.params]
+        self.direct = self.fused and len({(p.device, p.dtype) for p in self.params}) == 1
 
     @torch.no_grad()
     def step(self, grads: list[Tensor], lr: float) -> None:
         # `grads` must be contiguous, like their parameters: torch's fused CPU kernel reads a strided
         # gradient (a column slice, say) as if it were contiguous and steps wrongly, without an error.
+        if self.direct:
+            # What the functional `adamw` runs when fused, less its grouping of the tensors by device and
+            # dtype (here there is one group): 0.37 against 0.48 ms a step at K = 345, D = 512 on 2 cores
+            # (medians over steps run after the matrix products, as in training).
+            torch._foreach_add_(self.steps, 1)
+            torch._fused_adamw_(
+                self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, lr=lr,
+                beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps,
+                amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+            )  # fmt: skip
+            return
         adamw(
             self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps,
             fused=self.fused or None, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1],
