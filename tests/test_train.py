@@ -26,6 +26,7 @@ from cpl_cache.train.trainer import (
     AdamW,
     Targets,
     TrainConfig,
+    batch_order,
     fit,
     resolve,
     result_path,
@@ -156,6 +157,16 @@ def test_adamw_steps_equal_torch_optim_adamw(fused: bool):
     for a, b, p0 in zip(ours, ref, start, strict=True):
         assert (a - p0).abs().min() > 1e-3  # every element moved
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if not fused else 0)
+
+
+@pytest.mark.parametrize("n, bs", [(1000, 64), (1024, 256), (70, 64)])
+def test_batch_order_is_the_seeded_permutation_sorted_within_each_batch(n: int, bs: int):
+    """The batches are the slices of torch.randperm's permutation (same seed), each in ascending order;
+    a short last batch included."""
+    got = batch_order(n, bs, torch.Generator().manual_seed(7)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
+    assert got == [r for i in range(0, n, bs) for r in sorted(perm[i : i + bs])]
+    assert sorted(got) == list(range(n)) and got != sorted(got)
 
 
 @pytest.mark.parametrize("method", PLANTED)
