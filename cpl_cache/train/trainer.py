@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -214,10 +215,11 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> Tensor:
     8-10% faster on a CPU (the embeddings' rows at quickdraw size on 2 cores: 0.53-0.59 against
     0.57-0.65 ms a step, medians over steps in two runs), about 1% of a step.
     """
-    perm = torch.randperm(n, generator=generator)
+    perm = torch.randperm(n, generator=generator).numpy()
     full = n - n % batch_size
-    batches = perm[:full].view(-1, batch_size).sort(dim=1).values
-    return torch.cat([batches.view(-1), perm[full:].sort().values])
+    # numpy's sort: 1.2 ms for quickdraw's 118 batches of 1024, where torch's takes 5 (2-core CPU)
+    batches = np.sort(perm[:full].reshape(-1, batch_size), axis=1).reshape(-1)
+    return torch.from_numpy(np.concatenate([batches, np.sort(perm[full:])]))
 
 
 @torch.no_grad()
