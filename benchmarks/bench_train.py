@@ -26,7 +26,6 @@ Writes bench-results/train.json (or --json). Planted caches are kept under bench
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -136,85 +135,112 @@ def steal_s() -> float:
         return 0.0
 
 
-def epoch_cost(data, method: str, device: str, repeats: int) -> dict:
-    """Seconds per epoch of `fit` against one epoch of its matrix products alone, epoch by epoch.
+class EpochCost:
+    """Seconds per epoch of `fit` for one method against one epoch of its matrix products alone, epoch
+    by epoch.
 
-    Each repeat is a whole default-length run of a fresh head, without evaluation: `fit`'s evaluation
+    Each `run` is a whole default-length run of a fresh head, without evaluation: `fit`'s evaluation
     hook, called at every epoch boundary, times one epoch of the matrix products there instead, and its
     own time is left out of the run's. So each epoch of the run is paired with the products timed just
     before and just after it, about a second either side: on a shared machine whose speed drifts by tens
     of percent within seconds, only pairs that close compare. Set-up before the first step counts in the
     first epoch. The per-domain work (normalising, the targets' softmax) is done once outside, as
-    `cpl-cache run` does. Reported: the median ratio over every epoch of every repeat.
+    `cpl-cache run` does. Reported: the median ratio over every epoch of every run.
 
     On a virtual machine the hypervisor can take CPU time from it ("steal", in /proc/stat), which slows
     whichever side of a pair it falls in. An epoch whose window (products, epoch, products) lost more
-    than `MAX_STEAL` of the CPU time is left out, and runs go on (at most 3 x `repeats`) until `repeats`
-    runs' worth of epochs are free of it; if none is, all count and `steal_free` is false.
+    than `MAX_STEAL` of the CPU time is left out; `epoch_costs` runs more rounds (at most 3 x
+    `repeats`) until `repeats` runs' worth of epochs are free of it; if none is, all count and
+    `steal_free` is false.
     """
-    _, hp, _ = resolve(TrainConfig(method=method, domain="-", cache_dir=Path("-")))
-    hp = replace(hp, curve_points=hp.epochs)  # the hook runs at every epoch boundary
-    train = data.rows("train")
-    x = F.normalize(data.image_embeds[train].float(), dim=1).to(device)
-    t = Targets.of(data.weak_logits[train].to(device))
-    n, bs, K = len(x), min(hp.batch_size, len(x)), data.num_classes
-    w, b, g = (
-        torch.randn(K, x.shape[1], device=device),
-        torch.zeros(K, device=device),
-        torch.randn(bs, K, device=device),
-    )
 
-    def matmuls() -> float:
-        sync(device)
+    def __init__(self, data, x: torch.Tensor, t: Targets, method: str, device: str) -> None:
+        _, hp, _ = resolve(TrainConfig(method=method, domain="-", cache_dir=Path("-")))
+        self.hp = replace(hp, curve_points=hp.epochs)  # the hook runs at every epoch boundary
+        self.data, self.x, self.t, self.method, self.device = data, x, t, method, device
+        bs, K = min(hp.batch_size, len(x)), data.num_classes
+        self.w, self.b, self.g = (
+            torch.randn(K, x.shape[1], device=device),
+            torch.zeros(K, device=device),
+            torch.randn(bs, K, device=device),
+        )
+        self.epochs: list[tuple[float, float, float, float]] = []  # (fit s, matmul s before, after, steal)
+
+    def matmuls(self) -> float:
+        x, bs = self.x, len(self.g)
+        sync(self.device)
         t0 = time.perf_counter()
-        for i in range(0, n, bs):
+        for i in range(0, len(x), bs):
             xb = x[i : i + bs]
-            torch.addmm(b, xb, w.T) if hp.head == "linear" else xb @ w.T
-            g[: len(xb)].T @ xb
-        sync(device)
+            torch.addmm(self.b, xb, self.w.T) if self.hp.head == "linear" else xb @ self.w.T
+            self.g[: len(xb)].T @ xb
+        sync(self.device)
         return time.perf_counter() - t0
 
-    matmuls()  # warm-up: the first run in a process pays one-off costs (thread pools, allocator growth)
-    fit(get_head(hp.head)(data, torch.Generator()).to(device), get_loss(hp.loss), x, t, replace(hp, epochs=1),
-        torch.Generator())  # fmt: skip
+    def warm_up(self) -> None:
+        """The first run in a process pays one-off costs (thread pools, allocator growth)."""
+        self.matmuls()
+        head = get_head(self.hp.head)(self.data, torch.Generator()).to(self.device)
+        fit(head, get_loss(self.hp.loss), self.x, self.t, replace(self.hp, epochs=1), torch.Generator())
 
-    def boundary(marks: list, step: int) -> dict:
-        """`fit`'s hook at an epoch boundary: one epoch of the matrix products, and when it ran."""
-        sync(device)
-        t_in, s_in = time.perf_counter(), steal_s()
-        m = matmuls()
-        marks.append((t_in, time.perf_counter(), m, s_in, steal_s()))
-        return {}
+    def done(self, repeats: int) -> bool:
+        return sum(e[3] <= MAX_STEAL for e in self.epochs) >= repeats * self.hp.epochs
 
-    epochs = []  # (fit s, matmul s before, after, steal share of the window) of every epoch measured
-    for r in range(3 * repeats):
-        if sum(e[3] <= MAX_STEAL for e in epochs) >= repeats * hp.epochs:
-            break
-        gen = torch.Generator().manual_seed(r)
-        head = get_head(hp.head)(data, gen).to(device)
+    def run(self, seed: int) -> None:
         marks = []  # at each boundary: (entry time, exit time, matmul s, steal at entry, steal at exit)
+
+        def boundary(step: int) -> dict:
+            """`fit`'s hook at an epoch boundary: one epoch of the matrix products, and when it ran."""
+            sync(self.device)
+            t_in, s_in = time.perf_counter(), steal_s()
+            m = self.matmuls()
+            marks.append((t_in, time.perf_counter(), m, s_in, steal_s()))
+            return {}
+
+        gen = torch.Generator().manual_seed(seed)
+        head = get_head(self.hp.head)(self.data, gen).to(self.device)
         t0 = time.perf_counter()
-        fit(head, get_loss(hp.loss), x, t, hp, gen, functools.partial(boundary, marks))
+        fit(head, get_loss(self.hp.loss), self.x, self.t, self.hp, gen, boundary)
         for k in range(len(marks) - 1):
             (in0, out0, m0, s0, _), (in1, out1, m1, _, s1) = marks[k], marks[k + 1]
             took = in1 - out0 + (in0 - t0 if k == 0 else 0.0)
-            epochs.append((took, m0, m1, (s1 - s0) / ((out1 - in0) * CPUS)))
-    clean = [e for e in epochs if e[3] <= MAX_STEAL]
-    used = clean or epochs  # with steal throughout, every epoch counts and the report says so
-    ratios = [took / (0.5 * (before + after)) for took, before, after, _ in used]
-    return {
-        "method": method,
-        "epoch_s": statistics.fmean(e[0] for e in used),
-        "matmul_s": statistics.median([e[1] for e in used] + [e[2] for e in used]),
-        "ratio": statistics.median(ratios),
-        "ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)]
-        if len(ratios) > 1
-        else None,
-        "epochs_measured": len(used),
-        "ratios": [round(r, 4) for r in ratios],
-        "steal_free": bool(clean),
-        "epochs_left_out": len(epochs) - len(clean) if clean else 0,
-    }
+            self.epochs.append((took, m0, m1, (s1 - s0) / ((out1 - in0) * CPUS)))
+
+    def report(self) -> dict:
+        clean = [e for e in self.epochs if e[3] <= MAX_STEAL]
+        used = clean or self.epochs  # with steal throughout, every epoch counts and the report says so
+        ratios = [took / (0.5 * (before + after)) for took, before, after, _ in used]
+        return {
+            "method": self.method,
+            "epoch_s": statistics.fmean(e[0] for e in used),
+            "matmul_s": statistics.median([e[1] for e in used] + [e[2] for e in used]),
+            "ratio": statistics.median(ratios),
+            "ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)]
+            if len(ratios) > 1
+            else None,
+            "epochs_measured": len(used),
+            "ratios": [round(r, 4) for r in ratios],
+            "steal_free": bool(clean),
+            "epochs_left_out": len(self.epochs) - len(clean) if clean else 0,
+        }
+
+
+def epoch_costs(data, methods: list[str], device: str, repeats: int) -> list[dict]:
+    """`EpochCost` of every method, the methods taking turns: each round runs each unfinished method
+    once. How fast this shared machine runs drifts over minutes (an epoch of the same products took
+    0.51 s in one stretch of a run and 0.83 s in another), and the ratio moves with it; in turns, every
+    method is measured across the same stretches, not each in its own."""
+    train = data.rows("train")
+    x = F.normalize(data.image_embeds[train].float(), dim=1).to(device)
+    t = Targets.of(data.weak_logits[train].to(device))
+    costs = [EpochCost(data, x, t, m, device) for m in methods]
+    for c in costs:
+        c.warm_up()
+    for r in range(3 * repeats):
+        for c in costs:
+            if not c.done(repeats):
+                c.run(r)
+    return [c.report() for c in costs]
 
 
 def quickdraw_table(root: Path, scale: float, device: str, out: Path, epoch_repeats: int) -> dict:
@@ -262,7 +288,7 @@ def quickdraw_table(root: Path, scale: float, device: str, out: Path, epoch_repe
         f"in {goal_ref['time_ratio']:.3f}x the time (goal: within 0.5 points, <= 0.2x) -> "
         f"{'met' if goal_ref['met'] else 'NOT met'}"
     )
-    epochs = [epoch_cost(data, m, device, epoch_repeats) for m, spec in METHODS.items() if spec.trains]
+    epochs = epoch_costs(data, [m for m, spec in METHODS.items() if spec.trains], device, epoch_repeats)
     print(
         f"{'method':<14}{'epoch s':>9}{'matmul s':>10}{'ratio':>7}{'quartiles':>13}{'epochs':>8}"
         f"{'left out':>10}   (goal: ratio <= 1.5)"
