@@ -37,7 +37,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cpl_cache.cache import load_domain, read_manifest
 from cpl_cache.errors import UserError
@@ -230,10 +229,8 @@ def epoch_costs(data, methods: list[str], device: str, repeats: int) -> list[dic
     once. How fast this shared machine runs drifts over minutes (an epoch of the same products took
     0.51 s in one stretch of a run and 0.83 s in another), and the ratio moves with it; in turns, every
     method is measured across the same stretches, not each in its own."""
-    train = data.rows("train")
-    x = F.normalize(data.image_embeds[train].float(), dim=1).to(device)
-    t = Targets.of(data.weak_logits[train].to(device))
-    costs = [EpochCost(data, x, t, m, device) for m in methods]
+    dt = DomainTensors(data, device)  # the normalised rows and the targets, made as `cpl-cache run` does
+    costs = [EpochCost(data, dt.x_train, dt.weak_targets, m, device) for m in methods]
     for c in costs:
         c.warm_up()
     for r in range(3 * repeats):
