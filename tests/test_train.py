@@ -19,6 +19,7 @@ from cpl_cache.cache import SPLIT_CODES, load_domain
 from cpl_cache.cli import app
 from cpl_cache.methods import METHODS
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
+from cpl_cache.train import cpu_kernel
 from cpl_cache.train.heads import get_head
 from cpl_cache.train.losses import LOGIT_GRADS, get_loss
 from cpl_cache.train.trainer import (
@@ -130,6 +131,35 @@ def test_closed_form_steps_equal_autograd_steps(method: str, clean: Path):
     for closed, auto, p0 in zip(*params, start, strict=True):
         assert (closed - p0).abs().max() > 1e-3  # it trained
         torch.testing.assert_close(closed, auto, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel needs a C compiler")
+@pytest.mark.parametrize("method", [n for n in PLANTED if METHODS[n].trains])
+def test_cpu_kernel_steps_equal_torch_form_steps(method: str, clean: Path, monkeypatch: pytest.MonkeyPatch):
+    """In float32 on the CPU the trainer's step reads the kernel; without it (no compiler), torch's forms:
+    the same parameters after a hundred steps, to float32 rounding."""
+    data = load_domain(clean, DOMAIN)
+    _, hp, _ = resolve(TrainConfig(method=method, domain=DOMAIN, cache_dir=clean, epochs=4, batch_size=64))
+    train_rows = data.rows("train")
+    x = F.normalize(data.image_embeds[train_rows].float(), dim=1)
+    if METHODS[method].uses_ground_truth:
+        y = data.labels[train_rows]
+        targets = torch.full((len(y), data.num_classes), TRUTH_OFF).scatter_(1, y[:, None], 0.0)
+    else:
+        targets = data.weak_logits[train_rows].float()
+    calls = []
+    kernel = cpu_kernel.logit_grad_
+    monkeypatch.setattr(cpu_kernel, "logit_grad_", lambda *a: calls.append(1) or kernel(*a))
+    params = []
+    for on in (True, False):
+        monkeypatch.setattr(cpu_kernel, "available", lambda on=on: on)
+        head = get_head(hp.head)(data, torch.Generator().manual_seed(0))
+        fit(head, get_loss(hp.loss), x, Targets.of(targets), hp, torch.Generator().manual_seed(1))
+        params.append([p.detach() for p in head.parameters()])
+        assert len(calls) == (4 * -(-len(x) // 64) if on else 0)  # every step, with it; none without
+        calls.clear()
+    for k, t in zip(*params, strict=True):
+        torch.testing.assert_close(k, t, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [True, False])

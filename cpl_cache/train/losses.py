@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpl_cache.train.cpu_kernel import ADAPT, HARD, SELF_MIX, SOFT
+
 Loss = Callable[[Tensor, Tensor, float], Tensor]
 
 
@@ -95,11 +97,15 @@ class LogitGrad:
     of the loss summed over the batch's rows rather than averaged), with s the (detached) student logits
     (B, K), weak_probs = softmax(w) (B, K) and weak_argmax = argmax(w) (B,), both computed once per domain;
     it returns a fresh tensor and may overwrite s (the trainer is done with it). `probs` and `top` say
-    which of the two it reads: the trainer gathers only those per batch (and passes None for the other)."""
+    which of the two it reads: the trainer gathers only those per batch (and passes None for the other).
+    On the CPU in float32 the trainer runs `kernel` instead: the same gradient in one pass per row of
+    `cpu_kernel.c`, which reads the targets' rows where they lie."""
 
     fn: Callable[[Tensor, Tensor | None, Tensor | None, float], Tensor]
     probs: bool
     top: bool
+    # The same gradient as cpu_kernel.c computes it: progress -> (mode, coef, tau) of `logit_grad_`.
+    kernel: Callable[[float], tuple[int, float, float]]
 
     def __call__(self, s: Tensor, pw: Tensor | None, yw: Tensor | None, progress: float) -> Tensor:
         return self.fn(s, pw, yw, progress)
@@ -151,15 +157,16 @@ def _self_mix_grad(s: Tensor, pw: Tensor, coef: float) -> Tensor:
     return g.sub_(_lerp_to_argmax(pw, s, top, coef))
 
 
-# The constants are read from the losses' own defaults, so the two forms cannot drift apart.
+# The constants are read from the losses' own defaults, so the forms cannot drift apart.
+_AUX, _AUG = auxconf.__kwdefaults__, augconf.__kwdefaults__
+
+
 def _auxconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
-    c = auxconf.__kwdefaults__
-    return _self_mix_grad(s, pw, _ramp(progress, c["alpha"], c["warmup"]))
+    return _self_mix_grad(s, pw, _ramp(progress, _AUX["alpha"], _AUX["warmup"]))
 
 
 def _augconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
-    c = augconf.__kwdefaults__
-    return _self_mix_grad(s, pw, _ramp(progress, c["beta"], c["ramp"]))
+    return _self_mix_grad(s, pw, _ramp(progress, _AUG["beta"], _AUG["ramp"]))
 
 
 def _adaptconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
@@ -183,13 +190,25 @@ LOSSES: dict[str, Loss] = {
 # Keyed by the function, not the name: a loss registered with other constants (a `functools.partial`)
 # has no entry and trains through autograd.
 LOGIT_GRADS: dict[Loss, LogitGrad] = {
-    soft: LogitGrad(_soft_grad, probs=True, top=False),
-    hard: LogitGrad(_hard_grad, probs=False, top=True),
+    soft: LogitGrad(_soft_grad, probs=True, top=False, kernel=lambda p: (SOFT, 0.0, 1.0)),
+    hard: LogitGrad(_hard_grad, probs=False, top=True, kernel=lambda p: (HARD, 0.0, 1.0)),
     # At T = 1, KL(pw || ps) and CE(s, pw) differ by the entropy of pw, a constant in s.
-    kd: LogitGrad(_soft_grad, probs=True, top=False),
-    auxconf: LogitGrad(_auxconf_grad, probs=True, top=False),
-    augconf: LogitGrad(_augconf_grad, probs=True, top=False),
-    adaptconf: LogitGrad(_adaptconf_grad, probs=True, top=True),
+    kd: LogitGrad(_soft_grad, probs=True, top=False, kernel=lambda p: (SOFT, 0.0, 1.0)),
+    auxconf: LogitGrad(
+        _auxconf_grad,
+        probs=True,
+        top=False,
+        kernel=lambda p: (SELF_MIX, _ramp(p, _AUX["alpha"], _AUX["warmup"]), 1.0),
+    ),
+    augconf: LogitGrad(
+        _augconf_grad,
+        probs=True,
+        top=False,
+        kernel=lambda p: (SELF_MIX, _ramp(p, _AUG["beta"], _AUG["ramp"]), 1.0),
+    ),
+    adaptconf: LogitGrad(
+        _adaptconf_grad, probs=True, top=True, kernel=lambda p: (ADAPT, 0.0, adaptconf.__kwdefaults__["tau"])
+    ),
 }
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
 from cpl_cache.errors import UserError
+from cpl_cache.train import cpu_kernel
 from cpl_cache.train.heads import PROMPT_INIT, get_head
 from cpl_cache.train.losses import LOGIT_GRADS, Loss, get_loss
 from cpl_cache.train.methods import Method, get_method
@@ -295,7 +296,8 @@ def fit(
     Where the loss has a closed-form gradient in the logits (`LOGIT_GRADS`; all registered losses do)
     and the head one in its parameters (`closed_form`: the proto and linear heads), a step is plain
     tensor code: logits, their gradient from the targets' softmax and argmax (computed once per
-    domain), the parameters' gradients, AdamW; no autograd graph is built. Otherwise (the prompt head,
+    domain; on the CPU in float32, by `cpu_kernel` where it builds), the parameters' gradients, AdamW;
+    no autograd graph is built. Otherwise (the prompt head,
     a loss registered with other constants, or `closed_form=False`) autograd differentiates the loss:
     the same steps up to rounding (a test compares).
     """
@@ -307,16 +309,28 @@ def fit(
     head_form = getattr(head, "closed_form", None) if grad_fn is not None else None
     opt = AdamW(head.parameters(), hp.weight_decay)
     params = opt.params
+    # On the CPU in float32 a form runs as cpu_kernel.c: one pass per row, the targets read in place.
+    kernel = (
+        grad_fn is not None
+        and x.device.type == "cpu"
+        and x.dtype == targets.probs.dtype == torch.float32
+        and cpu_kernel.available()
+    )
     # Each step's rows land in the same buffers: fresh (B, D) and (B, K) tensors every step cost page faults.
     x_buf = x.new_empty(bs, x.shape[1])
-    probs_buf = targets.probs.new_empty(bs, targets.probs.shape[1]) if grad_fn and grad_fn.probs else None
+    gathers_probs = grad_fn is not None and grad_fn.probs and not kernel
+    probs_buf = targets.probs.new_empty(bs, targets.probs.shape[1]) if gathers_probs else None
 
-    def gathered(idx: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """The targets' softmax and argmax rows the form reads (the ceilings' hard loss: no probs)."""
+    def logit_grad(s: Tensor, idx: Tensor, progress: float) -> Tensor:
+        """The form's gradient at logits s (overwritten) for train rows idx: B * d loss / d s."""
+        if kernel:
+            probs, top = targets.probs if grad_fn.probs else None, targets.top if grad_fn.top else None
+            return cpu_kernel.logit_grad_(s, probs, top, idx, *grad_fn.kernel(progress))
+        # The targets' softmax and argmax rows the form reads (the ceilings' hard loss: no probs).
         probs = (
             torch.index_select(targets.probs, 0, idx, out=probs_buf[: len(idx)]) if grad_fn.probs else None
         )
-        return probs, targets.top.index_select(0, idx) if grad_fn.top else None
+        return grad_fn(s, probs, targets.top.index_select(0, idx) if grad_fn.top else None, progress)
 
     def autograd_grads(backward: Callable[[], None]) -> list[Tensor]:
         with torch.enable_grad():
@@ -335,17 +349,15 @@ def fit(
 
         def grads_of(xb: Tensor, idx: Tensor, progress: float) -> list[Tensor]:
             logits, backward = head_form(xb)
-            return list(backward(grad_fn(logits, *gathered(idx), progress), 1.0 / len(idx)))
+            return list(backward(logit_grad(logits, idx, progress), 1.0 / len(idx)))
 
     else:  # closed form in the logits, autograd through the head (the prompt head)
 
         def grads_of(xb: Tensor, idx: Tensor, progress: float) -> list[Tensor]:
-            probs, top = gathered(idx)
-
             def backward() -> None:
                 logits = head(xb)
                 # A form may overwrite its logits, and autograd may hold these: it gets a copy.
-                logits.backward(grad_fn(logits.detach().clone(), probs, top, progress).div_(len(idx)))
+                logits.backward(logit_grad(logits.detach().clone(), idx, progress).div_(len(idx)))
 
             return autograd_grads(backward)
 

@@ -1,0 +1,155 @@
+"""The CPU kernel of the losses' closed-form gradients (cpu_kernel.c), built on first use and cached.
+
+    from cpl_cache.train import cpu_kernel
+    if cpu_kernel.available():
+        cpu_kernel.logit_grad_(s, probs, top, idx, cpu_kernel.SELF_MIX, coef=0.3)
+
+On the CPU, stage two's step is the matrix products plus memory-bound passes over the (B, K) logits;
+torch runs a loss's form as 5-8 of them and a gather of the weak softmax's rows. The kernel makes one
+pass per row and reads the weak rows in place (at B = 1024, K = 345 on 2 cores: see README, Benchmarks).
+
+It is compiled with the machine's C compiler (`$CC`, else `cc`) and OpenMP into
+`$XDG_CACHE_HOME/cpl-cache/kernels` (default `~/.cache`), under a name that hashes the source, the
+flags and the CPU, so machines sharing a home directory each build their own. Where no compiler works,
+`available()` is false and the trainer runs torch's forms: the same results up to rounding. Setting
+`CPL_CACHE_CPU_KERNEL=0` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_kernel.c")
+SOFT, SELF_MIX, ADAPT, HARD = 0, 1, 2, 3  # the modes of cpu_kernel.c
+# Tried in order until one builds: -march=native for the machine's vector width; OpenMP for threads.
+# The finite-math flags let the row maximum vectorise; the kernel bounds its scans should a NaN appear.
+_FLAGS = "-O3 -shared -fPIC -ffinite-math-only -fno-signed-zeros -fno-trapping-math"
+ATTEMPTS = (f"{_FLAGS} -march=native -fopenmp", f"{_FLAGS} -fopenmp", f"{_FLAGS} -march=native", _FLAGS)
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: `$XDG_CACHE_HOME/cpl-cache/kernels`, default under `~/.cache`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cpl-cache" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags where Linux lists them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _build(cc: str, flags: str, src: bytes, where: Path) -> Path | None:
+    """The library built from `src` with `flags` in `where` (reused if there); None if it does not compile."""
+    key = hashlib.sha256(b"\0".join([src, flags.encode(), cc.encode(), _cpu_id().encode()])).hexdigest()
+    lib = where / f"cpu_kernel-{platform.machine()}-{key[:16]}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once (torchrun, a grid) never
+    # load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags.split(), str(SOURCE), "-o", tmp, "-lm"]
+        if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
+            return None
+        os.replace(tmp, lib)
+        return lib
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("CPL_CACHE_CPU_KERNEL", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    src = SOURCE.read_bytes()
+    # A read-only home directory (some clusters' compute nodes) falls back to the temporary directory.
+    places = [cache_dir(), Path(tempfile.gettempdir()) / f"cpl-cache-kernels-{os.getuid()}"]
+    errors, dll = [], None
+    for where in places:
+        try:
+            lib = None
+            for flags in ATTEMPTS:
+                if (lib := _build(cc, flags, src, where)) is not None:
+                    break
+            if lib is None:
+                errors.append(f"{cc} compiles none of {len(ATTEMPTS)} flag sets")
+                break
+            dll = ctypes.CDLL(str(lib))
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{where}: {e}")
+    if dll is None:
+        warnings.warn(
+            f"the CPU kernel could not be built ({'; '.join(errors)}); stage two runs torch's forms",
+            stacklevel=2,
+        )
+        return None
+    f = dll.cpl_logit_grad
+    f.restype = ctypes.c_int64
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    f.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    return dll
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on the first call)."""
+    return _library() is not None
+
+
+def logit_grad_(
+    s: Tensor,
+    probs: Tensor | None,
+    top: Tensor | None,
+    idx: Tensor,
+    mode: int,
+    coef: float = 0.0,
+    tau: float = 1.0,
+) -> Tensor:
+    """Over the student logits s (B, K), in place: the loss's gradient summed over rows (`LogitGrad`'s
+    contract), with the targets' softmax `probs` (N, K) and argmax `top` (N,) read at rows `idx` (B,).
+
+    Every tensor must be on the CPU and contiguous, s and probs float32, top and idx int64; a mode that
+    does not read probs (HARD) or top (SOFT, SELF_MIX) may be given None for it.
+    """
+    dll = _library()
+    if dll is None:
+        raise RuntimeError("the CPU kernel is not available; check cpu_kernel.available() first")
+    B, K = s.shape
+    n = len(probs) if probs is not None else len(top)
+    for t, dtype in ((s, torch.float32), (probs, torch.float32), (top, torch.int64), (idx, torch.int64)):
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()):
+            raise ValueError(f"the CPU kernel takes contiguous {dtype} CPU tensors, not {t.dtype} {t.device}")
+    if len(idx) != B or (probs is not None and probs.shape != (n, K)) or (top is not None and len(top) != n):
+        raise ValueError(f"shapes do not match: s {tuple(s.shape)}, idx {len(idx)}, targets of {n} rows")
+    if (mode != HARD and probs is None) or (mode in (ADAPT, HARD) and top is None):
+        raise ValueError(f"mode {mode} reads {'top' if probs is not None else 'probs'}, which is None")
+    bad = dll.cpl_logit_grad(
+        s.data_ptr(), B, K, probs.data_ptr() if probs is not None else None,
+        top.data_ptr() if top is not None else None, n, idx.data_ptr(), mode, coef, tau,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if bad:
+        raise IndexError(f"{bad} row index(es) or target classes out of range (rows 0..{n - 1})")
+    return s
