@@ -161,3 +161,24 @@ def test_a_compiler_that_fails_warns_and_falls_back(fresh_build: Path, monkeypat
     monkeypatch.setenv("CC", shutil.which("false") or "false")
     with pytest.warns(UserWarning, match="could not be built"):
         assert not cpu_kernel.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "dim"), [(1, 1), (5, 3), (345, 512), (7, 1000)])
+def test_normalisation_kernels_equal_torch(rows: int, dim: int):
+    """The prototypes' scaled normalisation and its backward: the kernel against the head's torch code."""
+    from cpl_cache.train.heads import _scaled_rows, _scaled_rows_backward
+
+    g = torch.Generator().manual_seed(rows + dim)
+    p, up = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    p[0] = 0.0  # a zero row: the norm is clamped at 1e-12, as in torch's code
+    w, f = cpu_kernel.scaled_rows(p, 42.0)
+    with cpu_kernel.turned_off():
+        w_ref, f_ref = _scaled_rows(p, 42.0)
+        back_ref = _scaled_rows_backward(w_ref, f_ref, 42.0, up, 0.25, overwrite=True)
+    torch.testing.assert_close(w, w_ref, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(f, f_ref, rtol=2e-6, atol=0.0)
+    back = cpu_kernel.scaled_rows_backward_(w, f, 42.0, up.clone(), 0.25)
+    torch.testing.assert_close(back, back_ref, rtol=1e-5, atol=1e-6)
+    # The head takes the kernel on the CPU: the same numbers as calling it directly.
+    assert torch.equal(_scaled_rows(p, 42.0)[0], w)

@@ -117,3 +117,39 @@ int64_t cpl_logit_grad(float *s, int64_t B, int64_t K, const float *probs, const
     }
     return bad;
 }
+
+/* The prototypes' normalisation (heads.ProtoHead), per row of p (K, D): f = scale / max(||p||, 1e-12) and
+ * w = f p. torch takes four passes and as many thread launches over (K, D) for it. */
+void cpl_scaled_rows(const float *restrict p, int64_t K, int64_t D, float scale, float *restrict w,
+                     float *restrict f, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < K; k++) {
+        const float *pk = p + k * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < D; j++) ss += pk[j] * pk[j];
+        float norm = sqrtf(ss);
+        float fk = scale / (norm > 1e-12f ? norm : 1e-12f);
+        f[k] = fk;
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) w[k * D + j] = pk[j] * fk;
+    }
+}
+
+/* Its backward, over G (K, D) in place: with u = w / scale the unit rows, G <- alpha f (G - u (u . G))
+ * per row: d(scale u)/dp applied to alpha G. */
+void cpl_scaled_rows_backward(const float *restrict w, const float *restrict f, float scale,
+                              float *restrict G, int64_t K, int64_t D, float alpha, int threads) {
+    float inv_sq = 1.0f / (scale * scale);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < K; k++) {
+        const float *wk = w + k * D;
+        float *gk = G + k * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < D; j++) dot += wk[j] * gk[j];
+        float along = dot * inv_sq, fk = f[k] * alpha;
+#pragma omp simd
+        for (int64_t j = 0; j < D; j++) gk[j] = (gk[j] - wk[j] * along) * fk;
+    }
+}

