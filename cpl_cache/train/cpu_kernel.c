@@ -1,9 +1,12 @@
-/* The closed-form logit gradients of cpl_cache.train.losses, one pass per row, for float32 on the CPU.
+/* The CPU kernels of stage two's step, for float32: one pass per row where torch takes several.
  *
- * torch runs each form as 5-8 passes over the (B, K) logits (max, softmax, mask, tie check, lerp, sub),
- * each a separate kernel, plus a gather of the weak softmax's rows into a buffer. Here each row is read
- * into L1 once and its weak row is read straight from the per-domain table: the same arithmetic up to
- * rounding (losses.py and tests/test_cpu_kernel.py hold the two to each other).
+ * cpl_logit_grad: every loss's closed-form gradient in the logits (cpl_cache.train.losses). torch runs
+ * one as 5-8 passes over the (B, K) logits (max, softmax, mask, tie check, lerp, sub), each a separate
+ * kernel, after a gather of the weak softmax's rows into a buffer; here each row is read into L1 once
+ * and its weak row is read straight from the per-domain table.
+ * cpl_scaled_rows, cpl_scaled_rows_backward: the proto head's scaled normalisation of the prototypes
+ * and its backward (cpl_cache.train.heads), four and three passes over (K, D) in torch.
+ * The same arithmetic as torch's up to float32 rounding: tests/test_cpu_kernel.py holds them to it.
  *
  * Built by cpu_kernel.py with the machine's C compiler and OpenMP (torch's own runtime, shared by soname).
  */

@@ -1,18 +1,20 @@
-"""The CPU kernel of the losses' closed-form gradients (cpu_kernel.c), built on first use and cached.
+"""The CPU kernels of stage two's step (cpu_kernel.c), built on first use and cached.
 
     from cpl_cache.train import cpu_kernel
     if cpu_kernel.available():
         cpu_kernel.logit_grad_(s, probs, top, idx, cpu_kernel.SELF_MIX, coef=0.3)
 
-On the CPU, stage two's step is the matrix products plus memory-bound passes over the (B, K) logits;
-torch runs a loss's form as 5-8 of them and a gather of the weak softmax's rows. The kernel makes one
-pass per row and reads the weak rows in place (at B = 1024, K = 345 on 2 cores: see README, Benchmarks).
+On the CPU, a step is the matrix products plus memory-bound passes over the (B, K) logits and the
+(K, D) prototypes; torch runs a loss's closed-form gradient as 5-8 of them after a gather of the weak
+softmax's rows, and the prototypes' normalisation as 4 forward and 3 backward. Each kernel here makes
+one pass: `logit_grad_` (every loss's gradient, reading the weak rows in place), `scaled_rows` and
+`scaled_rows_backward_` (the proto head's). Measured in README, Benchmarks.
 
-It is compiled with the machine's C compiler (`$CC`, else `cc`) and OpenMP into
+They are compiled with the machine's C compiler (`$CC`, else `cc`) and OpenMP into
 `$XDG_CACHE_HOME/cpl-cache/kernels` (default `~/.cache`), under a name that hashes the source, the
 flags and the CPU, so machines sharing a home directory each build their own. Where no compiler works,
-`available()` is false and the trainer runs torch's forms: the same results up to rounding. Setting
-`CPL_CACHE_CPU_KERNEL=0` turns the kernel off.
+`available()` is false and the trainer and heads run torch's operations: the same results up to
+float32 rounding. Setting `CPL_CACHE_CPU_KERNEL=0` turns the kernels off.
 """
 
 from __future__ import annotations
