@@ -42,7 +42,7 @@ bench-cache: $(STAMP) ## Cache write/load benchmark against a flat numpy file (w
 	$(OFFLINE) $(PY) benchmarks/bench_cache.py
 
 bench-train: $(STAMP) ## Stage-two benchmark: every method, and the *-tp epochs beside cpl (bench-results/train.json, prompt.json)
-	$(OFFLINE) $(PY) benchmarks/bench_train.py
+	$(OFFLINE) $(PY) benchmarks/bench_train.py --torch-forms
 	$(OFFLINE) $(PY) benchmarks/bench_prompt.py
 
 bench-extract: $(STAMP) ## Stage-one benchmark: decode, forward, whole extract (writes bench-results/extract.json)
