@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,22 @@ def test_normalisation_kernels_equal_torch(rows: int, dim: int):
     torch.testing.assert_close(back, back_ref, rtol=1e-5, atol=1e-6)
     # The head takes the kernel on the CPU: the same numbers as calling it directly.
     assert torch.equal(_scaled_rows(p, 42.0)[0], w)
+
+
+@needs_kernel
+def test_a_cache_directory_that_cannot_be_written_falls_back_to_a_private_one(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """`$XDG_CACHE_HOME` a file (as good as read-only, even for root): the kernel is built in a fresh
+    temporary directory, used, and that directory removed."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert cpu_kernel.available()
+    probs, top = table(10, 5, seed=10)
+    s = torch.randn(4, 5)
+    got = cpu_kernel.logit_grad_(s.clone(), probs, top, torch.arange(4), cpu_kernel.SOFT)
+    torch.testing.assert_close(got, torch.softmax(s, dim=1) - probs[:4], rtol=1e-5, atol=1e-7)
+    assert list((tmp_path / "tmp").iterdir()) == []

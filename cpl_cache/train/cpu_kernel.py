@@ -88,11 +88,15 @@ def _library() -> ctypes.CDLL | None:
     if cc is None:
         return None
     src = SOURCE.read_bytes()
-    # A read-only home directory (some clusters' compute nodes) falls back to the temporary directory.
-    places = [cache_dir(), Path(tempfile.gettempdir()) / f"cpl-cache-kernels-{os.getuid()}"]
     errors, dll = [], None
-    for where in places:
+    # A home directory that cannot be written (some clusters' compute nodes) falls back to a fresh private
+    # directory (mode 0700) for this process, removed once the library is loaded: a shared, fixed one
+    # could be planted with a library by another user.
+    for private in (False, True):
+        where: Path | str = "a temporary directory" if private else cache_dir()
         try:
+            if private:
+                where = Path(tempfile.mkdtemp(prefix="cpl-cache-kernels-"))
             lib = None
             for flags in ATTEMPTS:
                 if (lib := _build(cc, flags, src, where)) is not None:
@@ -101,6 +105,8 @@ def _library() -> ctypes.CDLL | None:
                 errors.append(f"{cc} compiles none of {len(ATTEMPTS)} flag sets")
                 break
             dll = ctypes.CDLL(str(lib))
+            if private:
+                shutil.rmtree(where, ignore_errors=True)  # the loaded library stays mapped
             break
         except (OSError, subprocess.SubprocessError) as e:
             errors.append(f"{where}: {e}")
