@@ -96,21 +96,26 @@ def test_ground_truth_of_train_and_hold_is_read_by_ceilings_only(
         assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
 
 
+def steps_setup(cache: Path, method: str, dtype: torch.dtype):
+    """The cache, a hundred-step run's hyperparameters, and its rows and targets in `dtype`, as the
+    trainer builds them (ground truth as logits for the ceilings)."""
+    data = load_domain(cache, DOMAIN)
+    _, hp, _ = resolve(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, epochs=4, batch_size=64))
+    train_rows = data.rows("train")
+    x = F.normalize(data.image_embeds[train_rows].to(dtype), dim=1)
+    if METHODS[method].uses_ground_truth:
+        y = data.labels[train_rows]
+        targets = torch.full((len(y), data.num_classes), TRUTH_OFF, dtype=dtype).scatter_(1, y[:, None], 0.0)
+    else:
+        targets = data.weak_logits[train_rows].to(dtype)
+    return data, hp, x, targets
+
+
 @pytest.mark.parametrize("method", [n for n in PLANTED if METHODS[n].trains])
 def test_closed_form_steps_equal_autograd_steps(method: str, clean: Path):
     """Every trained method: the trainer's closed-form step and autograd through the loss itself give
     the same parameters after a hundred steps (float64, so only rounding can tell them apart)."""
-    data = load_domain(clean, DOMAIN)
-    _, hp, _ = resolve(TrainConfig(method=method, domain=DOMAIN, cache_dir=clean, epochs=4, batch_size=64))
-    train_rows = data.rows("train")
-    x = F.normalize(data.image_embeds[train_rows].double(), dim=1)
-    if METHODS[method].uses_ground_truth:
-        y = data.labels[train_rows]
-        targets = torch.full((len(y), data.num_classes), TRUTH_OFF, dtype=torch.float64).scatter_(
-            1, y[:, None], 0.0
-        )
-    else:
-        targets = data.weak_logits[train_rows].double()
+    data, hp, x, targets = steps_setup(clean, method, torch.float64)
     assert get_loss(hp.loss) in LOGIT_GRADS
     params = []
     for closed in (True, False):
@@ -138,15 +143,7 @@ def test_closed_form_steps_equal_autograd_steps(method: str, clean: Path):
 def test_cpu_kernel_steps_equal_torch_form_steps(method: str, clean: Path, monkeypatch: pytest.MonkeyPatch):
     """In float32 on the CPU the trainer's step reads the kernel; without it (no compiler), torch's forms:
     the same parameters after a hundred steps, to float32 rounding."""
-    data = load_domain(clean, DOMAIN)
-    _, hp, _ = resolve(TrainConfig(method=method, domain=DOMAIN, cache_dir=clean, epochs=4, batch_size=64))
-    train_rows = data.rows("train")
-    x = F.normalize(data.image_embeds[train_rows].float(), dim=1)
-    if METHODS[method].uses_ground_truth:
-        y = data.labels[train_rows]
-        targets = torch.full((len(y), data.num_classes), TRUTH_OFF).scatter_(1, y[:, None], 0.0)
-    else:
-        targets = data.weak_logits[train_rows].float()
+    data, hp, x, targets = steps_setup(clean, method, torch.float32)
     calls = []
     kernel = cpu_kernel.logit_grad_
     monkeypatch.setattr(cpu_kernel, "logit_grad_", lambda *a: calls.append(1) or kernel(*a))
@@ -158,7 +155,9 @@ def test_cpu_kernel_steps_equal_torch_form_steps(method: str, clean: Path, monke
         params.append([p.detach() for p in head.parameters()])
         assert len(calls) == (4 * -(-len(x) // 64) if on else 0)  # every step, with it; none without
         calls.clear()
-    for k, t in zip(*params, strict=True):
+    start = get_head(hp.head)(data, torch.Generator().manual_seed(0)).parameters()
+    for k, t, p0 in zip(*params, start, strict=True):
+        assert (k - p0.detach()).abs().max() > 1e-3  # it trained
         torch.testing.assert_close(k, t, rtol=1e-4, atol=1e-5)
 
 
