@@ -230,6 +230,9 @@ def test_results_file_and_curve(clean: Path, tmp_path: Path):
     )
     assert on_disk["cache"] == load_domain(clean, DOMAIN).identity()
     assert on_disk["hparams"]["epochs"] == FAST["epochs"] and on_disk["device"] == "cpu"
+    assert on_disk["cpu_kernel"] is cpu_kernel.available()
+    with cpu_kernel.turned_off():
+        assert train(clean, "cpl", tmp_path / "torch")["cpu_kernel"] is False
     assert all(0.0 <= v <= 1.0 for v in on_disk["metrics"].values())
     steps = [c["step"] for c in on_disk["curve"]]
     per_epoch = -(-CLEAN.n_train // FAST["batch_size"])

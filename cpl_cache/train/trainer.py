@@ -459,6 +459,8 @@ def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = N
         "curve": curve,
         "seconds": time.perf_counter() - t0,
         "device": device,
+        # Whether the CPU kernels stepped this run (else torch's operations): equal up to float32 rounding.
+        "cpu_kernel": device == "cpu" and cpu_kernel.available(),
         "cache": cache.identity(),
     }
     path = result_path(cfg.out, cfg.domain, name, cfg.seed)
