@@ -164,7 +164,9 @@ def _dll() -> ctypes.CDLL:
 def _check(*tensors: tuple[Tensor | None, torch.dtype]) -> None:
     for t, dtype in tensors:
         if t is not None and (t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()):
-            raise ValueError(f"the CPU kernel takes contiguous {dtype} CPU tensors, not {t.dtype} {t.device}")
+            layout = "" if t.is_contiguous() else "non-contiguous "
+            got = f"a {layout}{t.dtype} one on {t.device}"
+            raise ValueError(f"the CPU kernel takes contiguous {dtype} CPU tensors, not {got}")
 
 
 def scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -205,13 +207,14 @@ def logit_grad_(
     does not read probs (HARD) or top (SOFT, SELF_MIX) may be given None for it.
     """
     dll = _dll()
+    _check((s, torch.float32), (probs, torch.float32), (top, torch.int64), (idx, torch.int64))
+    for name, t, needed in (("probs", probs, mode != HARD), ("top", top, mode in (ADAPT, HARD))):
+        if needed and t is None:
+            raise ValueError(f"mode {mode} reads {name}, which is None")
     B, K = s.shape
     n = len(probs) if probs is not None else len(top)
-    _check((s, torch.float32), (probs, torch.float32), (top, torch.int64), (idx, torch.int64))
     if len(idx) != B or (probs is not None and probs.shape != (n, K)) or (top is not None and len(top) != n):
         raise ValueError(f"shapes do not match: s {tuple(s.shape)}, idx {len(idx)}, targets of {n} rows")
-    if (mode != HARD and probs is None) or (mode in (ADAPT, HARD) and top is None):
-        raise ValueError(f"mode {mode} reads {'top' if probs is not None else 'probs'}, which is None")
     bad = dll.cpl_logit_grad(
         s.data_ptr(), B, K, probs.data_ptr() if probs is not None else None,
         top.data_ptr() if top is not None else None, n, idx.data_ptr(), mode, coef, tau,

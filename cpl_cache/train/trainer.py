@@ -297,10 +297,9 @@ def fit(
     and the head one in its parameters (`closed_form`: the proto and linear heads), a step is plain
     tensor code: logits, their gradient from the targets' softmax and argmax (computed once per
     domain; on the CPU in float32, by `cpu_kernel` where it builds), the parameters' gradients, AdamW;
-    no autograd graph is built. Otherwise (the prompt head,
-    a loss registered with other constants, or `closed_form=False`) autograd differentiates the loss:
-    the same steps up to rounding (a test compares).
-    """
+    no autograd graph is built. Otherwise (the prompt head, a loss registered with other constants,
+    or `closed_form=False`) autograd differentiates the loss: the same steps up to rounding (a test
+    compares)."""
     n, bs = len(x), min(hp.batch_size, len(x))
     per_epoch = math.ceil(n / bs)
     total = hp.epochs * per_epoch
@@ -314,6 +313,7 @@ def fit(
         grad_fn is not None
         and x.device.type == "cpu"
         and x.dtype == targets.probs.dtype == torch.float32
+        and all(p.dtype == torch.float32 for p in params)
         and cpu_kernel.available()
     )
     # Each step's rows land in the same buffers: fresh (B, D) and (B, K) tensors every step cost page faults.
