@@ -124,6 +124,10 @@ def test_kernel_refuses_what_it_cannot_read():
         cpu_kernel.logit_grad_(s.clone(), probs, top, torch.arange(3), cpu_kernel.SOFT)
     with pytest.raises(ValueError, match="reads top"):
         cpu_kernel.logit_grad_(s.clone(), probs, None, torch.arange(4), cpu_kernel.ADAPT)
+    with pytest.raises(ValueError, match="reads top"):
+        cpu_kernel.logit_grad_(s.clone(), None, None, torch.arange(4), cpu_kernel.HARD)
+    with pytest.raises(ValueError, match="reads probs"):
+        cpu_kernel.logit_grad_(s.clone(), None, top, torch.arange(4), cpu_kernel.SELF_MIX)
 
 
 @needs_kernel
