@@ -182,11 +182,15 @@ class EpochCost:
         sync(self.device)
         return time.perf_counter() - t0
 
+    def path(self) -> contextlib.AbstractContextManager:
+        """Where this method's runs step: the CPU kernels (where built), or torch's forms."""
+        return contextlib.nullcontext() if self.kernel else cpu_kernel.turned_off()
+
     def warm_up(self) -> None:
         """The first run in a process pays one-off costs (thread pools, allocator growth)."""
         self.matmuls()
         head = get_head(self.hp.head)(self.data, torch.Generator()).to(self.device)
-        with contextlib.nullcontext() if self.kernel else cpu_kernel.turned_off():
+        with self.path():
             fit(head, get_loss(self.hp.loss), self.x, self.t, replace(self.hp, epochs=1), torch.Generator())
 
     def done(self, repeats: int) -> bool:
@@ -205,7 +209,7 @@ class EpochCost:
 
         gen = torch.Generator().manual_seed(seed)
         head = get_head(self.hp.head)(self.data, gen).to(self.device)
-        with contextlib.nullcontext() if self.kernel else cpu_kernel.turned_off():
+        with self.path():
             t0 = time.perf_counter()
             fit(head, get_loss(self.hp.loss), self.x, self.t, self.hp, gen, boundary)
         for k in range(len(marks) - 1):

@@ -158,7 +158,7 @@ def _self_mix_grad(s: Tensor, pw: Tensor, coef: float) -> Tensor:
 
 
 # The constants are read from the losses' own defaults, so the forms cannot drift apart.
-_AUX, _AUG = auxconf.__kwdefaults__, augconf.__kwdefaults__
+_AUX, _AUG, _ADAPT = auxconf.__kwdefaults__, augconf.__kwdefaults__, adaptconf.__kwdefaults__
 
 
 def _auxconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
@@ -172,9 +172,13 @@ def _augconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
 def _adaptconf_grad(s: Tensor, pw: Tensor, yw: Tensor, progress: float) -> Tensor:
     # CE(s, argmax s) - CE(s, argmax w) = s[argmax w] - max s: the log-partition cancels.
     top = s.amax(dim=1, keepdim=True)
-    a = (s.gather(1, yw[:, None]) - top).div_(adaptconf.__kwdefaults__["tau"]).sigmoid_()
+    a = (s.gather(1, yw[:, None]) - top).div_(_ADAPT["tau"]).sigmoid_()
     g = torch.softmax(s, dim=1)  # before the target, which may overwrite s
     return g.sub_(_lerp_to_argmax(pw, s, top, a))
+
+
+def _soft_kernel(progress: float) -> tuple[int, float, float]:
+    return SOFT, 0.0, 1.0
 
 
 LOSSES: dict[str, Loss] = {
@@ -190,10 +194,10 @@ LOSSES: dict[str, Loss] = {
 # Keyed by the function, not the name: a loss registered with other constants (a `functools.partial`)
 # has no entry and trains through autograd.
 LOGIT_GRADS: dict[Loss, LogitGrad] = {
-    soft: LogitGrad(_soft_grad, probs=True, top=False, kernel=lambda p: (SOFT, 0.0, 1.0)),
+    soft: LogitGrad(_soft_grad, probs=True, top=False, kernel=_soft_kernel),
     hard: LogitGrad(_hard_grad, probs=False, top=True, kernel=lambda p: (HARD, 0.0, 1.0)),
     # At T = 1, KL(pw || ps) and CE(s, pw) differ by the entropy of pw, a constant in s.
-    kd: LogitGrad(_soft_grad, probs=True, top=False, kernel=lambda p: (SOFT, 0.0, 1.0)),
+    kd: LogitGrad(_soft_grad, probs=True, top=False, kernel=_soft_kernel),
     auxconf: LogitGrad(
         _auxconf_grad,
         probs=True,
@@ -206,9 +210,7 @@ LOGIT_GRADS: dict[Loss, LogitGrad] = {
         top=False,
         kernel=lambda p: (SELF_MIX, _ramp(p, _AUG["beta"], _AUG["ramp"]), 1.0),
     ),
-    adaptconf: LogitGrad(
-        _adaptconf_grad, probs=True, top=True, kernel=lambda p: (ADAPT, 0.0, adaptconf.__kwdefaults__["tau"])
-    ),
+    adaptconf: LogitGrad(_adaptconf_grad, probs=True, top=True, kernel=lambda p: (ADAPT, 0.0, _ADAPT["tau"])),
 }
 
 
