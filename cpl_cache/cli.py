@@ -16,7 +16,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -310,11 +310,35 @@ def train_weak_cmd(
 
 @command("methods")
 def methods_cmd() -> None:
-    """List the registered methods: name, head, loss, targets and one line each."""
-    from cpl_cache.train.methods import METHODS
+    """List the registered methods (name, head, loss, targets, one line each) and their hyperparameters."""
+    from cpl_cache.train.methods import HPARAMS, METHODS, loss_constants
 
     for m in METHODS.values():
         typer.echo(f"{m.name:<13} {m.head or '-':<7} {m.loss or '-':<10} {m.targets or '-':<6} {m.summary}")
+        if m.trains:
+            hp = {k: getattr(m, k) for k in HPARAMS if k not in ("head", "loss")}
+            hp.update(loss_constants(m.loss), **m.loss_args)
+            typer.echo(
+                " " * 15
+                + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+            )
+
+
+def _settings(pairs: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` pairs as a dict; values read as TOML scalars (4, 0.5, "x"), else as text."""
+    from cpl_cache.pipeline import _toml_loads
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {pair!r} must be KEY=VALUE, e.g. --set tau=4 (see `cpl-cache methods`)")
+        try:
+            value = _toml_loads(f"v = {text.strip()}")["v"]
+        except ValueError:
+            value = text.strip()
+        out[key.strip()] = value
+    return out
 
 
 @command("train")
@@ -325,13 +349,19 @@ def train_cmd(
     head: Annotated[
         str | None, typer.Option(help="Override the method's head: proto, linear or prompt.")
     ] = None,
-    loss: Annotated[
-        str | None, typer.Option(help="Override the loss: soft, hard, kd, auxconf, augconf, adaptconf.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
+    loss: Annotated[str | None, typer.Option(help="Override the loss (see `cpl-cache methods`).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order, 0..2**32-1.")] = 0,
     epochs: Annotated[int | None, typer.Option(help="Passes over train (default: the method's).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW step size (default: the method's).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per step (default: the method's).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override any hyperparameter or loss constant, KEY=VALUE, repeatable "
+            "(e.g. --set tau=4 --set min_steps=2000; see `cpl-cache methods`).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     out: Annotated[Path, typer.Option(help="Results folder; writes OUT/DOMAIN/METHOD-seedN.json.")] = Path(
         "results"
@@ -343,25 +373,19 @@ def train_cmd(
     """
     from cpl_cache.train.trainer import TrainConfig, run_training
 
+    given = {"head": head, "loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size}
+    overrides = {**{k: v for k, v in given.items() if v is not None}, **_settings(set_)}
     cfg = TrainConfig(
-        method=method,
-        domain=domain,
-        cache_dir=cache_dir,
-        out=out,
-        seed=seed,
-        head=head,
-        loss=loss,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
+        method=method, domain=domain, cache_dir=cache_dir, out=out, seed=seed, overrides=overrides,
         device=device,
-    )
+    )  # fmt: skip
     r = run_training(cfg)
     m = r["metrics"]
+    flags = f" [{'; '.join(r['flags'])}]" if r["flags"] else ""
     typer.echo(
         f"{r['domain']} {r['method']} seed {r['seed']}: test acc {100 * m['test_acc']:.2f}%, "
-        f"weak agreement {100 * m['weak_agreement']:.2f}%, {r['hparams']['epochs'] if r['curve'] else 0} "
-        f"epochs in {r['seconds']:.2f}s on {r['device']} -> {r['path']}"
+        f"weak agreement {100 * m['weak_agreement']:.2f}%, {r['steps']} steps in {r['seconds']:.2f}s "
+        f"on {r['device']} -> {r['path']}{flags}"
     )
 
 

@@ -33,10 +33,14 @@ from cpl_cache.cache import manifest_identity, read_manifest
 from cpl_cache.datasets import DATASETS
 from cpl_cache.errors import UserError
 
-# The hyperparameters a grid may override: every TrainConfig field but those the pipeline decides per
-# cell (method, domain, cache_dir, out, seed, device). Spelled out, in TrainConfig's order, so that
-# reading and checking a grid needs no torch; tests/test_pipeline.py holds it to TrainConfig.
-OVERRIDE_KEYS = ("head", "loss", "epochs", "lr", "batch_size")
+
+def grid_keys() -> list[str]:
+    """The settings a grid line may override: every hyperparameter of the method registry and every
+    registered loss's constants (a cell's own loss decides which of those apply: see `plan`)."""
+    from cpl_cache.train.losses import LOSSES
+    from cpl_cache.train.methods import HPARAMS, loss_constants
+
+    return list(dict.fromkeys([*HPARAMS, *(k for name in LOSSES for k in loss_constants(name))]))
 
 
 def _toml_loads(text: str) -> dict[str, Any]:
@@ -62,7 +66,7 @@ def _trainer():
 
 
 def _registry() -> Mapping[str, Any]:
-    from cpl_cache.methods import METHODS
+    from cpl_cache.train.methods import METHODS
 
     return METHODS
 
@@ -136,7 +140,7 @@ def parse_grid(
 ) -> Grid:
     """Check a grid dict (as read from TOML) and turn it into a Grid; every problem is a UserError."""
     registry = _registry() if registry is None else registry
-    allowed = list(OVERRIDE_KEYS if override_keys is None else override_keys)
+    allowed = list(grid_keys() if override_keys is None else override_keys)
     top = ("dataset", "domains", "seeds", "methods", "cell", "defaults")
     unknown = sorted(set(data) - set(top))
     if unknown:
@@ -269,18 +273,20 @@ class PipelineSummary:
 
 
 @dataclass(frozen=True)
-class Cell:
+class PlannedCell:
     """One planned run: where its result goes and the hyperparameters it will record."""
 
     domain: str
-    seed: int
-    name: str  # the run's name (method plus overrides that differ from its defaults)
     path: Path
-    hparams: dict[str, Any]
-    train_config: Any
+    hparams: dict[str, Any]  # as a results file holds them (through JSON)
+    cell: Any  # cpl_cache.train.trainer.Cell
+
+    @property
+    def label(self) -> str:
+        return f"{self.domain}/{self.cell.name}-seed{self.cell.seed}"
 
 
-def _stale_reason(cell: Cell, fingerprint: str) -> str | None:
+def _stale_reason(cell: PlannedCell, fingerprint: str) -> str | None:
     """Why the existing result of `cell` cannot be reused, or None when it can."""
     try:
         record = json.loads(cell.path.read_text(encoding="utf-8"))
@@ -294,39 +300,58 @@ def _stale_reason(cell: Cell, fingerprint: str) -> str | None:
     return None
 
 
-def plan(cfg: PipelineConfig) -> list[Cell]:
-    """Every cell of the grid as a checked TrainConfig with its result path; refuses bad settings up front."""
+def plan(cfg: PipelineConfig) -> list[PlannedCell]:
+    """Every cell of the grid, checked, with its result path; refuses bad settings up front."""
     trainer = _trainer()
     registry = _registry()
     grid = restrict(
         load_grid(cfg.pipeline, registry), domains=cfg.domains, seeds=cfg.seeds, methods=cfg.methods,
         registry=registry,
     )  # fmt: skip
-    cells: list[Cell] = []
+    cells: list[PlannedCell] = []
     seen: set[tuple[str, str, int]] = set()
     for domain, spec, seed in grid.cells():
         tcfg = trainer.TrainConfig(
             method=spec.method, domain=domain, cache_dir=Path(cfg.cache_dir), out=Path(cfg.results),
-            seed=seed, device=cfg.device, **grid.settings(spec, registry),
+            seed=seed, overrides=grid.settings(spec, registry), device=cfg.device,
         )  # fmt: skip
         try:
-            _, hp, name = trainer.resolve(tcfg)
+            cell = trainer.resolve(tcfg)
         except UserError as err:
             raise UserError(f"{cfg.pipeline}, method {spec.method!r}: {err}") from None
-        if (domain, name, seed) in seen:
+        if (domain, cell.name, seed) in seen:
             raise UserError(
-                f"{cfg.pipeline}: two method lines both run as {name!r} (same settings after defaults); "
+                f"{cfg.pipeline}: two method lines both run as {cell.name!r} (same settings after defaults); "
                 "keep one of them"
             )
-        seen.add((domain, name, seed))
-        path = trainer.result_path(Path(cfg.results), domain, name, seed)
-        hparams = json.loads(json.dumps(dataclasses.asdict(hp)))  # as a results file holds them
-        cells.append(Cell(domain, seed, name, path, hparams, tcfg))
+        seen.add((domain, cell.name, seed))
+        path = trainer.result_path(Path(cfg.results), domain, cell.name, seed)
+        cells.append(PlannedCell(domain, path, json.loads(json.dumps(cell.hparams)), cell))
     return cells
 
 
+def _fingerprints(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
+    """Each domain's cache fingerprint; refuses up front, naming every domain the cache lacks."""
+    missing = [d for d in domains if not (Path(cfg.cache_dir) / d / "manifest.json").is_file()]
+    if missing and Path(cfg.cache_dir).is_dir():
+        have = [d for d in domains if d not in missing]
+        fix = (
+            f"or run the cached one(s) alone with --domains {','.join(have)}"
+            if have
+            else "or point --cache-dir at the cache that extract wrote"
+        )
+        raise UserError(
+            f"{cfg.cache_dir} has no cache of {', '.join(missing)} (the grid asks for {len(domains)} "
+            f"domain(s)); run `cpl-cache extract --domain D --data-root R --weak W --cache-dir "
+            f"{cfg.cache_dir}` for each, {fix}"
+        )
+    return {d: manifest_identity(read_manifest(cfg.cache_dir, d))["fingerprint"] for d in domains}
+
+
 def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
-    """Run every cell of the grid that has no up-to-date result; return what was done."""
+    """Run every cell of the grid that has no up-to-date result; return what was done.
+
+    Each domain's cache is loaded once, and its missing cells train stacked (see cpl_cache.train.trainer)."""
     from tqdm.auto import tqdm
 
     from cpl_cache.cache import domain_dir, load_domain
@@ -335,10 +360,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     start = time.perf_counter()
     cells = plan(cfg)
     domains = list(dict.fromkeys(c.domain for c in cells))
-    # Check every domain before training anything, so a missing one fails the run up front.
-    fingerprints = {d: manifest_identity(read_manifest(cfg.cache_dir, d))["fingerprint"] for d in domains}
+    fingerprints = _fingerprints(cfg, domains)
     summary = PipelineSummary(cells=len(cells), results=Path(cfg.results))
-    todo: dict[str, list[Cell]] = {d: [] for d in domains}
+    todo: dict[str, list[PlannedCell]] = {d: [] for d in domains}
     notes = []
     for cell in cells:
         why = _stale_reason(cell, fingerprints[cell.domain]) if cell.path.is_file() else "missing"
@@ -347,9 +371,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
             continue
         todo[cell.domain].append(cell)
         if why != "missing":
-            label = f"{cell.domain}/{cell.name}-seed{cell.seed}"
-            summary.stale.append(label)
-            notes.append(f"recomputing {label}: {why}")
+            summary.stale.append(cell.label)
+            notes.append(f"recomputing {cell.label}: {why}")
 
     if summary.skipped < summary.cells:
         trainer = _trainer()
@@ -362,18 +385,19 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                 if not pending:
                     continue
                 bar.set_postfix_str(f"loading {domain}")
-                # Loaded, checked and normalised once, shared by the domain's cells.
                 data = trainer.DomainTensors(
                     load_domain(cfg.cache_dir, domain), device, str(domain_dir(cfg.cache_dir, domain))
                 )
-                for cell in pending:
-                    bar.set_postfix_str(f"{domain} {cell.name} seed {cell.seed}")
-                    try:
-                        trainer.run_training(dataclasses.replace(cell.train_config, device=device), data=data)
-                    except UserError as err:
-                        raise UserError(f"{domain}/{cell.name} seed {cell.seed}: {err}") from None
-                    summary.ran += 1
-                    bar.update(1)
+                bar.set_postfix_str(domain)
+
+                def done(n: int) -> None:
+                    summary.ran += n
+                    bar.update(n)
+
+                try:
+                    trainer.train_cells([c.cell for c in pending], data, Path(cfg.results), done)
+                except UserError as err:
+                    raise UserError(f"{domain}: {err}") from None
                 del data
         finally:
             bar.close()

@@ -110,11 +110,16 @@ def _extract(cfg: ReproduceConfig, domain: str, weak: Path) -> None:
 
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run what is missing and return {table, table_path, plots, did} (what each step did)."""
-    from cpl_cache.pipeline import PipelineConfig, load_grid, run_pipeline
+    from cpl_cache.pipeline import PipelineConfig, load_grid, plan, run_pipeline
     from cpl_cache.report import plot_curves, render_table
 
     t0 = time.perf_counter()
     grid = load_grid(cfg.pipeline)
+    grid_run = PipelineConfig(
+        pipeline=cfg.pipeline, cache_dir=cfg.cache_dir, results=cfg.results, device=cfg.device,
+        seeds=cfg.seeds, progress=cfg.progress,
+    )  # fmt: skip
+    plan(grid_run)  # every cell's settings checked before hours of extraction
     dataset = cfg.dataset or grid.dataset or "domainnet"
     if cfg.dataset and grid.dataset and cfg.dataset != grid.dataset:
         _say(f"cpl-cache: --dataset {cfg.dataset} overrides the grid's dataset {grid.dataset}")
@@ -133,16 +138,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
             _extract(cfg, domain, weak)
             did["extract"].append(domain)
 
-    summary = run_pipeline(
-        PipelineConfig(
-            pipeline=cfg.pipeline,
-            cache_dir=cfg.cache_dir,
-            results=cfg.results,
-            device=cfg.device,
-            seeds=cfg.seeds,
-            progress=cfg.progress,
-        )
-    )
+    summary = run_pipeline(grid_run)
     did["cells"] = summary.ran
     _say(f"cpl-cache: {summary.line()}")
 

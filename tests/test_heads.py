@@ -42,7 +42,7 @@ def test_proto_head_gradient_reaches_the_prototypes():
 
 
 def test_proto_head_gradient_is_that_of_the_plain_cosine_formula():
-    """The head's closed-form backward against autograd through kappa * x @ normalize(C).T, in float64."""
+    """The head's gradient against autograd through kappa * x @ normalize(C).T, in float64."""
     head = get_head("proto")(spec(k=7, d=12, seed=3), None).double()
     with torch.no_grad():
         head.prototypes.mul_(torch.rand(7, 1, dtype=torch.float64) * 3 + 0.1)  # rows of unequal norm
@@ -54,34 +54,6 @@ def test_proto_head_gradient_is_that_of_the_plain_cosine_formula():
     (got,) = torch.autograd.grad(head(x), head.prototypes, upstream)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(head, (x.requires_grad_(True),))
-
-
-@pytest.mark.parametrize("name", ["proto", "linear"])
-def test_closed_form_equals_the_head_through_autograd(name: str):
-    """`closed_form` gives the forward's logits and, for any upstream gradient, autograd's gradient of
-    every parameter through the plain formula (kappa * x @ normalize(C).T, or x @ W.T + b), in float64."""
-    head = get_head(name)(spec(k=7, d=12, seed=5), torch.Generator().manual_seed(6)).double()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.mul_(torch.rand(p.shape[0], *[1] * (p.dim() - 1), dtype=torch.float64) * 3 + 0.1)
-    g = torch.Generator().manual_seed(7)
-    x = F.normalize(torch.randn(10, 12, generator=g, dtype=torch.float64), dim=1)
-    upstream = torch.randn(10, 7, generator=g, dtype=torch.float64)
-    ref_params = [p.detach().clone().requires_grad_(True) for p in head.parameters()]
-    if name == "proto":
-        ref_logits = 100.0 * x @ F.normalize(ref_params[0], dim=1).T
-    else:
-        ref_logits = x @ ref_params[0].T + ref_params[1]
-    ref = torch.autograd.grad(ref_logits, ref_params, upstream)
-    logits, backward = head.closed_form(x)
-    assert not logits.requires_grad
-    torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-12, atol=1e-12)
-    # backward(g, alpha) is the gradient for the upstream alpha * g (the trainer's alpha is 1 / B).
-    for alpha in (1.0, 0.3):
-        got = backward(upstream / alpha, alpha)
-        assert len(got) == len(ref) == len(list(head.parameters()))
-        for a, b in zip(got, ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_proto_head_without_text_embeddings_says_what_to_do():

@@ -3,15 +3,11 @@ gradients, on random logits and at several points of training progress."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from cpl_cache.errors import UserError
-from cpl_cache.losses import LOSSES, get_loss
-from cpl_cache.train import losses
-from cpl_cache.train.losses import LOGIT_GRADS, kd
+from cpl_cache.train.losses import LOSSES, get_loss, kd
 
 
 def softmax(z: torch.Tensor) -> torch.Tensor:
@@ -101,51 +97,6 @@ def test_loss_matches_plain_formula(name: str, progress: float):
     v32, gr32 = value_and_grad(LOSSES[name], s.float(), w.float(), progress)
     torch.testing.assert_close(v32.double(), rv, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gr32.double(), rgr, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("mask", [True, False], ids=["mask-argmax", "argmax"])
-@pytest.mark.parametrize("progress", [0.0, 0.04, 0.2, 0.5, 1.0])
-@pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_closed_form_gradient_matches_the_plain_formula(
-    name: str, progress: float, mask: bool, monkeypatch: pytest.MonkeyPatch
-):
-    """The trainer steps with LOGIT_GRADS: it must be the gradient of the loss as PAPER.md writes it,
-    both where the student's one-hot is a comparison mask (the CPU) and where it is argmax (others)."""
-    monkeypatch.setattr(losses, "MASK_ARGMAX_DEVICES", ("cpu",) if mask else ())
-    g = torch.Generator().manual_seed(7 + 1000 * sorted(REFERENCE).index(name) + round(100 * progress))
-    s = 3 * torch.randn(16, 9, generator=g, dtype=torch.float64)
-    w = 3 * torch.randn(16, 9, generator=g, dtype=torch.float64)
-    _, ref = value_and_grad(REFERENCE[name], s, w, progress)
-    form = LOGIT_GRADS[LOSSES[name]]
-    # What a form says it does not read, it is not given (as the trainer does not gather it).
-    grad = form(
-        s.clone(), softmax(w) if form.probs else None, w.argmax(dim=1) if form.top else None, progress
-    )
-    # A form leaves out the mean's 1 / B, which the trainer applies in the head's backward.
-    torch.testing.assert_close(grad / len(s), ref, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", ["auxconf", "augconf", "adaptconf"])
-def test_closed_form_takes_the_first_of_tied_maxima_as_argmax_does(name: str):
-    """On the CPU the student's one-hot is the mask s == max s, exact only without ties; rows whose maximum
-    is tied (two equal prototypes give that in every row) must still take argmax's first index."""
-    g = torch.Generator().manual_seed(11)
-    s = 3 * torch.randn(12, 9, generator=g, dtype=torch.float64)
-    w = 3 * torch.randn(12, 9, generator=g, dtype=torch.float64)
-    s[:4, 6] = s[:4, 2] = s[:4].max(dim=1).values + 1.0  # rows 0-3: a tie at columns 2 and 6
-    s[4, [1, 5, 8]] = s[4].max() + 0.5  # row 4: three tied
-    _, ref = value_and_grad(REFERENCE[name], s, w, 0.5)
-    form = LOGIT_GRADS[LOSSES[name]]
-    grad = form(s.clone(), softmax(w), w.argmax(dim=1) if form.top else None, 0.5) / len(s)
-    torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
-    # The tie moves the step: at column 6 the gradient is the plain softmax term's, not the one-hot's.
-    assert (grad[:4, 2] < grad[:4, 6]).all()
-
-
-def test_a_loss_with_other_constants_has_no_closed_form():
-    """`functools.partial(kd, T=2)` has another gradient: it must train through autograd, not kd's form."""
-    assert functools.partial(kd, T=2.0) not in LOGIT_GRADS
-    assert set(LOGIT_GRADS) == set(LOSSES.values())
 
 
 def test_kd_temperature_and_soft_kd_share_gradients():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,9 +13,9 @@ from typer.testing import CliRunner
 from cpl_cache import pipeline
 from cpl_cache.cli import app
 from cpl_cache.errors import UserError
-from cpl_cache.methods import METHODS
 from cpl_cache.pipeline import MethodSpec, PipelineConfig, load_grid, parse_grid, run_pipeline
 from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+from cpl_cache.train.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = """
@@ -48,13 +45,14 @@ def setup(tmp_path: Path, monkeypatch) -> tuple[PipelineConfig, list]:
     grid.write_text(GRID)
     calls: list = []
     trainer = pipeline._trainer()
-    real = trainer.run_training
+    real = trainer.train_cells
 
-    def counting(cfg, data=None):
-        calls.append((cfg.domain, cfg.method, cfg.seed, data is not None))
-        return real(cfg, data=data)
+    def counting(cells, data, out, done=None):
+        domain = data.data.manifest["domain"]
+        calls.extend((domain, c.method.name, c.seed, isinstance(data, trainer.DomainTensors)) for c in cells)
+        return real(cells, data, out, done)
 
-    monkeypatch.setattr(trainer, "run_training", counting)
+    monkeypatch.setattr(trainer, "train_cells", counting)
     cfg = PipelineConfig(
         pipeline=grid, cache_dir=cache, results=tmp_path / "results", device="cpu", progress=False
     )
@@ -133,28 +131,34 @@ def test_bad_grid_files_are_refused(tmp_path: Path) -> None:
         load_grid(bad)
 
 
-def test_override_keys_are_the_train_config_fields_a_cell_does_not_set() -> None:
-    from cpl_cache.train.trainer import TrainConfig
+def test_a_grid_may_set_every_registered_hyperparameter_and_loss_constant() -> None:
+    from cpl_cache.train.losses import LOSSES
+    from cpl_cache.train.methods import HPARAMS, loss_constants
 
-    per_cell = {"method", "domain", "cache_dir", "out", "seed", "device"}  # what plan() sets
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    assert per_cell <= set(fields)
-    assert [f for f in fields if f not in per_cell] == list(pipeline.OVERRIDE_KEYS)
+    keys = set(pipeline.grid_keys())
+    assert set(HPARAMS) <= keys and {"alpha", "warmup", "beta", "ramp", "tau", "T"} <= keys
+    assert all(set(loss_constants(name)) <= keys for name in LOSSES)
 
 
-def test_reading_and_checking_a_grid_imports_no_torch() -> None:
-    """`run` and `reproduce` check their grid before anything slow; that check must not pull in torch."""
-    code = (
-        "import sys; from cpl_cache import pipeline; "
-        "pipeline.restrict(pipeline.load_grid(sys.argv[1]), methods=['cpl', 'kd-tp']); "
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, as the test process imports it
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(REPO / "pipelines" / "table2.toml")],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ('{ method = "cpl", epochs = "three" }', "epochs must be an integer >= 0"),
+        ('{ method = "cpl", epochs = 2.5 }', "epochs must be an integer"),
+        ('{ method = "cpl", epochs = true }', "epochs must be an integer"),
+        ('{ method = "cpl", lr = "0.1" }', "lr must be a number > 0"),
+        ('{ method = "cpl", lr = 0 }', "lr must be a number > 0"),
+        ('{ method = "adaptconf-lp", tau = "x" }', "tau must be a number"),
+        ('{ method = "cpl", tau = 4.0 }', "unknown setting.*tau.*cpl with loss kd takes.*T"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused_before_any_training(setup, tmp_path: Path, line, match):
+    cfg, calls = setup
+    grid = tmp_path / "typed.toml"
+    grid.write_text(GRID.replace('"cpl",', line + ","))
+    with pytest.raises(UserError, match=match):
+        run_pipeline(PipelineConfig(**{**cfg.__dict__, "pipeline": grid}))
+    assert calls == [] and not cfg.results.exists()
 
 
 def test_python_310_without_tomli_is_told_what_to_install(monkeypatch) -> None:
@@ -239,7 +243,7 @@ def test_table_from_a_run_equals_the_mean_of_its_files(setup) -> None:
 def test_missing_domain_fails_before_any_training(setup) -> None:
     cfg, calls = setup
     sub = PipelineConfig(**{**cfg.__dict__, "domains": ("clipart", "real")})
-    with pytest.raises(UserError, match=r"no cached domain 'real'.*cpl-cache extract --domain real"):
+    with pytest.raises(UserError, match=r"no cache of real .*cpl-cache extract.*--domains clipart"):
         run_pipeline(sub)
     assert calls == [] and not cfg.results.exists()
 

@@ -17,28 +17,15 @@ from typer.testing import CliRunner
 
 from cpl_cache.cache import SPLIT_CODES, load_domain
 from cpl_cache.cli import app
-from cpl_cache.methods import METHODS
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
-from cpl_cache.train import cpu_kernel
-from cpl_cache.train.heads import get_head
-from cpl_cache.train.losses import LOGIT_GRADS, get_loss
-from cpl_cache.train.trainer import (
-    TRUTH_OFF,
-    AdamW,
-    Targets,
-    TrainConfig,
-    batch_order,
-    fit,
-    resolve,
-    result_path,
-    run_training,
-)
+from cpl_cache.train.methods import METHODS
+from cpl_cache.train.trainer import TrainConfig, resolve, result_path, run_training
 
 DOMAIN = "clipart"
 # Clean strong features (small image noise) and a weak supervisor right half the time.
 CLEAN = PlantedConfig(domain=DOMAIN, n_train=1500, n_hold=200, n_test=600, dim=32, classes=10, weak_acc=0.5,
                       image_noise=1.0, nuisance_noise=0.0, text_noise=0.8, seed=1)  # fmt: skip
-FAST = dict(epochs=8, batch_size=128)  # about a hundred steps, milliseconds on tiny caches
+FAST = dict(epochs=8, batch_size=128, min_steps=0)  # about a hundred steps, milliseconds on tiny caches
 FAST_LR = {"linear": 0.1, "proto": None}  # at D = 32 a random linear probe needs a larger step than at 512
 # A planted cache has no CLIP text tower for the prompt head: the *-tp methods are tested on a cache
 # extracted with the tiny CLIP in tests/test_train_prompt.py.
@@ -66,9 +53,10 @@ def permuted(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train(cache: Path, method: str, out: Path, **kw) -> dict:
     m = METHODS[method]
-    fast = {**FAST, "lr": FAST_LR[m.head]} if m.trains else {}
+    fast = {**FAST, **({"lr": FAST_LR[m.head]} if FAST_LR[m.head] else {})} if m.trains else {}
+    seed = kw.pop("seed", 0)
     return run_training(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, out=out, device="cpu",
-                                    **{**fast, **kw}))  # fmt: skip
+                                    seed=seed, overrides={**fast, **kw}))  # fmt: skip
 
 
 def test_weak_and_zeroshot_equal_their_definitions(clean: Path, tmp_path: Path):
@@ -96,108 +84,6 @@ def test_ground_truth_of_train_and_hold_is_read_by_ceilings_only(
         assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
 
 
-def steps_setup(cache: Path, method: str, dtype: torch.dtype):
-    """The cache, a hundred-step run's hyperparameters, and its rows and targets in `dtype`, as the
-    trainer builds them (ground truth as logits for the ceilings)."""
-    data = load_domain(cache, DOMAIN)
-    _, hp, _ = resolve(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, epochs=4, batch_size=64))
-    train_rows = data.rows("train")
-    x = F.normalize(data.image_embeds[train_rows].to(dtype), dim=1)
-    if METHODS[method].uses_ground_truth:
-        y = data.labels[train_rows]
-        targets = torch.full((len(y), data.num_classes), TRUTH_OFF, dtype=dtype).scatter_(1, y[:, None], 0.0)
-    else:
-        targets = data.weak_logits[train_rows].to(dtype)
-    return data, hp, x, targets
-
-
-@pytest.mark.parametrize("method", [n for n in PLANTED if METHODS[n].trains])
-def test_closed_form_steps_equal_autograd_steps(method: str, clean: Path):
-    """Every trained method: the trainer's closed-form step and autograd through the loss itself give
-    the same parameters after a hundred steps (float64, so only rounding can tell them apart)."""
-    data, hp, x, targets = steps_setup(clean, method, torch.float64)
-    assert get_loss(hp.loss) in LOGIT_GRADS
-    params = []
-    for closed in (True, False):
-        head = get_head(hp.head)(data, torch.Generator().manual_seed(0)).double()
-        fit(
-            head,
-            get_loss(hp.loss),
-            x,
-            Targets.of(targets),
-            hp,
-            torch.Generator().manual_seed(1),
-            closed_form=closed,
-        )
-        params.append([p.detach() for p in head.parameters()])
-    start = [
-        p.detach() for p in get_head(hp.head)(data, torch.Generator().manual_seed(0)).double().parameters()
-    ]
-    for closed, auto, p0 in zip(*params, start, strict=True):
-        assert (closed - p0).abs().max() > 1e-3  # it trained
-        torch.testing.assert_close(closed, auto, rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel needs a C compiler")
-@pytest.mark.parametrize("method", [n for n in PLANTED if METHODS[n].trains])
-def test_cpu_kernel_steps_equal_torch_form_steps(method: str, clean: Path, monkeypatch: pytest.MonkeyPatch):
-    """In float32 on the CPU the trainer's step reads the kernel; without it (no compiler), torch's forms:
-    the same parameters after a hundred steps, to float32 rounding."""
-    data, hp, x, targets = steps_setup(clean, method, torch.float32)
-    calls = []
-    kernel = cpu_kernel.logit_grad_
-    monkeypatch.setattr(cpu_kernel, "logit_grad_", lambda *a: calls.append(1) or kernel(*a))
-    params = []
-    for on in (True, False):
-        monkeypatch.setattr(cpu_kernel, "available", lambda on=on: on)
-        head = get_head(hp.head)(data, torch.Generator().manual_seed(0))
-        fit(head, get_loss(hp.loss), x, Targets.of(targets), hp, torch.Generator().manual_seed(1))
-        params.append([p.detach() for p in head.parameters()])
-        assert len(calls) == (4 * -(-len(x) // 64) if on else 0)  # every step, with it; none without
-        calls.clear()
-    start = get_head(hp.head)(data, torch.Generator().manual_seed(0)).parameters()
-    for k, t, p0 in zip(*params, start, strict=True):
-        assert (k - p0.detach()).abs().max() > 1e-3  # it trained
-        torch.testing.assert_close(k, t, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_adamw_steps_equal_torch_optim_adamw(fused: bool):
-    """The trainer's AdamW moves parameters as torch.optim.AdamW(fused=True) does over steps of changing
-    learning rate, with weight decay: bit for bit through the fused kernel, to rounding without it."""
-    g = torch.Generator().manual_seed(0)
-    start = [torch.randn(5, 3, generator=g), torch.randn(5, generator=g)]
-    scales = torch.logspace(-9, 0, 5)  # rows from where eps dominates the step to where it is negligible
-    grads = [
-        [torch.randn(p.shape, generator=g) * scales.view(-1, *[1] * (p.dim() - 1)) for p in start]
-        for _ in range(6)
-    ]
-    lrs = [0.1 * 0.7**i for i in range(6)]
-    ref = [torch.nn.Parameter(p.clone()) for p in start]
-    opt = torch.optim.AdamW(ref, lr=lrs[0], weight_decay=1e-2, fused=True)
-    ours = [torch.nn.Parameter(p.clone()) for p in start]
-    mine = AdamW(ours, weight_decay=1e-2, fused=fused)
-    for gs, lr in zip(grads, lrs, strict=True):
-        for p, gp in zip(ref, gs, strict=True):
-            p.grad = gp
-        opt.param_groups[0]["lr"] = lr
-        opt.step()
-        mine.step(gs, lr)
-    for a, b, p0 in zip(ours, ref, start, strict=True):
-        assert (a - p0).abs().min() > 1e-3  # every element moved
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if not fused else 0)
-
-
-@pytest.mark.parametrize("n, bs", [(1000, 64), (1024, 256), (70, 64)])
-def test_batch_order_is_the_seeded_permutation_sorted_within_each_batch(n: int, bs: int):
-    """The batches are the slices of torch.randperm's permutation (same seed), each in ascending order;
-    a short last batch included."""
-    got = batch_order(n, bs, torch.Generator().manual_seed(7)).tolist()
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
-    assert got == [r for i in range(0, n, bs) for r in sorted(perm[i : i + bs])]
-    assert sorted(got) == list(range(n)) and got != sorted(got)
-
-
 @pytest.mark.parametrize("method", PLANTED)
 def test_same_seed_same_metrics(method: str, clean: Path, tmp_path: Path):
     a = train(clean, method, tmp_path / "a", seed=3)
@@ -217,7 +103,7 @@ def test_strong_students_beat_the_weak_supervisor_on_clean_features(method: str,
 
 def test_results_file_and_curve(clean: Path, tmp_path: Path):
     rec = train(clean, "cpl", tmp_path)
-    name = "cpl+epochs=8+batch=128"  # the overrides of FAST are part of the name
+    name = "cpl+epochs=8+min_steps=0+batch_size=128"  # the overrides of FAST are part of the name
     path = result_path(tmp_path, DOMAIN, name, 0)
     assert path == tmp_path / DOMAIN / f"{name}-seed0.json" and rec["path"] == str(path)
     on_disk = json.loads(path.read_text())
@@ -230,23 +116,25 @@ def test_results_file_and_curve(clean: Path, tmp_path: Path):
     )
     assert on_disk["cache"] == load_domain(clean, DOMAIN).identity()
     assert on_disk["hparams"]["epochs"] == FAST["epochs"] and on_disk["device"] == "cpu"
-    assert on_disk["cpu_kernel"] is cpu_kernel.available()
-    with cpu_kernel.turned_off():
-        assert train(clean, "cpl", tmp_path / "torch")["cpu_kernel"] is False
+    assert on_disk["flags"] == [] and on_disk["stack"] == [name]
     assert all(0.0 <= v <= 1.0 for v in on_disk["metrics"].values())
     steps = [c["step"] for c in on_disk["curve"]]
     per_epoch = -(-CLEAN.n_train // FAST["batch_size"])
-    assert steps[0] == 0 and steps[-1] == FAST["epochs"] * per_epoch and steps == sorted(set(steps))
+    assert steps[0] == 0 and steps[-1] == FAST["epochs"] * per_epoch == on_disk["steps"]
+    assert steps == sorted(set(steps))
     assert len(steps) == METHODS["cpl"].curve_points + 1
     assert on_disk["curve"][-1]["test_acc"] == on_disk["metrics"]["test_acc"]
     assert on_disk["curve"][0]["test_acc"] == train(clean, "zeroshot", tmp_path)["metrics"]["test_acc"]
 
 
 def test_overrides_get_their_own_name_and_file(clean: Path, tmp_path: Path):
-    cfg = TrainConfig(method="cpl", domain=DOMAIN, cache_dir=clean, out=tmp_path, loss="soft", epochs=2)
-    _, hp, name = resolve(cfg)
-    assert name == "cpl+loss=soft+epochs=2" and hp.loss == "soft" and hp.head == "proto"
-    assert resolve(dataclasses.replace(cfg, loss="kd", epochs=None))[2] == "cpl"  # same as the default
+    cfg = TrainConfig(
+        method="cpl", domain=DOMAIN, cache_dir=clean, out=tmp_path, overrides={"loss": "soft", "epochs": 2}
+    )
+    cell = resolve(cfg)
+    assert cell.name == "cpl+loss=soft+epochs=2" and cell.hparams["loss"] == "soft"
+    assert cell.hparams["head"] == "proto"
+    assert resolve(dataclasses.replace(cfg, overrides={"loss": "kd", "epochs": 5})).name == "cpl"  # defaults
     rec = run_training(cfg)
     assert Path(rec["path"]).name == "cpl+loss=soft+epochs=2-seed0.json" and rec["base_method"] == "cpl"
 
@@ -274,14 +162,16 @@ def test_train_command_prints_one_line_and_writes_results(clean: Path, tmp_path:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert len(r.stdout.strip().splitlines()) == 1 and "test acc" in r.stdout
-    rec = json.loads((tmp_path / DOMAIN / "naive-lp+epochs=2+batch=256-seed5.json").read_text())
+    rec = json.loads((tmp_path / DOMAIN / "naive-lp+epochs=2+batch_size=256-seed5.json").read_text())
     assert rec["hparams"]["batch_size"] == 256 and rec["seed"] == 5 and rec["loss"] == "soft"
 
 
 def test_methods_command_lists_every_method():
     r = cli("methods")
     assert r.exit_code == 0
-    assert [line.split()[0] for line in r.stdout.strip().splitlines()] == list(METHODS)
+    names = [line.split()[0] for line in r.stdout.splitlines() if line and not line.startswith(" ")]
+    assert names == list(METHODS)
+    assert "tau=0.5" in r.stdout and "min_steps=1000" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -334,6 +224,100 @@ def test_results_never_depend_on_rows_outside_the_splits_used(clean: Path, tmp_p
         d, image_embeds=d.image_embeds[keep], weak_logits=d.weak_logits[keep], labels=d.labels[keep],
         split=d.split[keep], index=d.index[keep],
     )  # fmt: skip
-    cfg = TrainConfig(method="cpl", domain=DOMAIN, cache_dir=clean, out=tmp_path, device="cpu", **FAST)
+    cfg = TrainConfig(
+        method="cpl", domain=DOMAIN, cache_dir=clean, out=tmp_path, device="cpu", overrides=FAST
+    )
     assert run_training(cfg, d)["metrics"] == run_training(cfg, lean)["metrics"]
     assert torch.equal(d.labels, load_domain(clean, DOMAIN).labels)  # the caller's tensors are untouched
+
+
+# ------------------------------------------------------------------------------------ stacks
+
+
+def test_a_stacked_grid_gives_each_cell_the_metrics_it_gets_alone(clean: Path, tmp_path: Path):
+    """`cpl-cache run` trains a domain's cells stacked; each must equal the same cell trained alone."""
+    from cpl_cache.pipeline import PipelineConfig, run_pipeline
+
+    grid = tmp_path / "grid.toml"
+    trained = [n for n in PLANTED if METHODS[n].trains]
+    grid.write_text(
+        f'domains = ["{DOMAIN}"]\nseeds = [0, 1]\nmethods = {json.dumps(PLANTED)}\n'
+        f"[defaults]\nepochs = 4\nbatch_size = 128\nmin_steps = 0\n"
+    )
+    summary = run_pipeline(
+        PipelineConfig(
+            pipeline=grid, cache_dir=clean, results=tmp_path / "grid", device="cpu", progress=False
+        )
+    )
+    assert summary.ran == 2 * len(PLANTED)
+    for seed in (0, 1):
+        for method in PLANTED:
+            kw = {"epochs": 4, "batch_size": 128, "min_steps": 0} if method in trained else {}
+            alone = run_training(TrainConfig(method, DOMAIN, clean, tmp_path / "alone", seed, kw, "cpu"))
+            stacked = json.loads(
+                (tmp_path / "grid" / DOMAIN / Path(alone["path"]).name).read_text(encoding="utf-8")
+            )
+            if method in trained:
+                assert len(stacked["stack"]) > 1  # it did train beside others
+            for key in ("test_acc", "weak_agreement"):
+                assert abs(stacked["metrics"][key] - alone["metrics"][key]) <= 1e-4, (method, seed)
+            assert [c["step"] for c in stacked["curve"]] == [c["step"] for c in alone["curve"]]
+
+
+def test_every_method_of_a_seed_starts_from_the_same_head(clean: Path, tmp_path: Path):
+    """A paired comparison: one seed's linear probes share their initialisation (and batch order), so
+    their curves start at one point; another seed starts elsewhere."""
+    lp = [n for n in TRAINED_W2S + CEILINGS if METHODS[n].head == "linear"]
+    starts = {
+        seed: {train(clean, n, tmp_path / n, seed=seed)["curve"][0]["test_acc"] for n in lp}
+        for seed in (0, 1)
+    }
+    assert len(starts[0]) == len(starts[1]) == 1 and starts[0] != starts[1]
+
+
+def test_a_diverged_run_is_flagged_not_reported_as_healthy(clean: Path, tmp_path: Path):
+    rec = train(clean, "naive-lp", tmp_path, lr=1e30)
+    assert rec["flags"], rec["metrics"]
+    assert any(f.startswith(("non-finite", "collapsed")) for f in rec["flags"])
+    assert json.loads(Path(rec["path"]).read_text())["flags"] == rec["flags"]
+    assert train(clean, "naive-lp", tmp_path)["flags"] == []
+    r = cli(
+        "train", "--method", "naive-lp", "--domain", DOMAIN, "--cache-dir", str(clean),
+        "--out", str(tmp_path), "--lr", "1e30", "--epochs", "2", "--device", "cpu",
+    )  # fmt: skip
+    assert r.exit_code == 0 and "[" in r.stdout and ("non-finite" in r.stdout or "collapsed" in r.stdout)
+
+
+def test_loss_constants_are_hyperparameters_of_the_run(clean: Path, tmp_path: Path):
+    r = cli(
+        "train", "--method", "adaptconf-lp", "--domain", DOMAIN, "--cache-dir", str(clean),
+        "--out", str(tmp_path), "--set", "tau=4", "--set", "min_steps=0", "--epochs", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / DOMAIN / "adaptconf-lp+epochs=1+min_steps=0+tau=4-seed0.json").read_text())
+    assert rec["hparams"]["loss_args"] == {"tau": 4.0, "T": 1.0}
+    assert (
+        rec["hparams"]["min_steps"] == 0
+        and rec["hparams"]["weight_decay"] == METHODS["adaptconf-lp"].weight_decay
+    )
+    default = resolve(TrainConfig("adaptconf-lp", DOMAIN, clean)).hparams
+    assert default["loss_args"] == {"tau": 0.5, "T": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--set", "tau=x"], ["tau must be a number"]),
+        (["--set", "tau"], ["KEY=VALUE"]),
+        (["--set", "alpha=0.3"], ["unknown setting", "alpha", "tau"]),
+        (["--set", "batch_size=0"], ["batch_size must be an integer >= 1"]),
+        (["--set", "epochs=2.5"], ["epochs must be an integer"]),
+        (["--seed", "-1"], ["seed must be an integer in 0..4294967295"]),
+        (["--seed", str(2**32)], ["seed must be an integer in 0..4294967295"]),
+        (["--lr", "nan"], ["lr must be a number > 0"]),
+    ],
+)
+def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: Path, tmp_path: Path):
+    base = ["train", "--method", "adaptconf-lp", "--domain", DOMAIN, "--cache-dir", str(clean)]
+    one_line_error(cli(*base, "--out", str(tmp_path), *args), *needles)
+    assert not (tmp_path / DOMAIN).exists()

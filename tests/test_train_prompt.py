@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 
 from cpl_cache.cache import load_domain
 from cpl_cache.cli import app
-from cpl_cache.methods import METHODS
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.heads import get_head
+from cpl_cache.train.methods import METHODS
 from cpl_cache.train.prompt import PromptHead
 from cpl_cache.train.trainer import TrainConfig, run_training
 
 DOMAIN = "clipart"
 TP = [m.name for m in METHODS.values() if m.head == "prompt"]
-FAST = dict(epochs=4, batch_size=8, lr=0.05)  # 16 steps on the synthetic domain's 25 train rows
+FAST = dict(epochs=4, batch_size=8, lr=0.05, min_steps=0)  # 16 steps on the synthetic domain's 25 train rows
 
 torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared CPU
 
@@ -57,7 +57,7 @@ def permuted(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train(cache: Path, method: str, out: Path, **kw) -> dict:
     fast = FAST if METHODS[method].trains else {}
     return run_training(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, out=out, device="cpu",
-                                    **{**fast, **kw}))  # fmt: skip
+                                    overrides={**fast, **kw}))  # fmt: skip
 
 
 def test_the_untrained_prompt_head_gives_the_zero_shot_logits(cache: Path):

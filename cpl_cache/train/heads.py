@@ -5,11 +5,7 @@
 head maps L2-normalised float32 embeddings (B, D) to logits (B, K); the trainer normalises the cached
 embeddings once, so a head never re-normalises its input.
 
-The proto and linear heads also have `closed_form(x) -> (logits, backward)`: the logits without
-autograd, and `backward(g, alpha=1)`, the gradients of the head's parameters (in `parameters()` order)
-given alpha * g = d loss / d logits (alpha rides on a matrix product: free, where scaling g costs a pass
-over (B, K)). With a loss's closed-form gradient (`losses.LOGIT_GRADS`) the trainer steps through it and
-never builds an autograd graph; tests hold both to autograd.
+A head is one `nn.Module` and one builder in `HEADS`; autograd and `torch.optim` train it.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from cpl_cache.train import cpu_kernel
 
 
 @dataclass(frozen=True)
@@ -41,48 +35,6 @@ class HeadSpec:
     prefix_len: int | None = None
 
 
-# What `closed_form` returns beside the logits: (g, alpha) -> the parameters' gradients for d loss / d
-# logits = alpha * g.
-Backward = Callable[..., tuple[Tensor, ...]]
-
-
-def _scaled_rows(p: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """w = scale * p / ||p|| per row, and the per-row factor f = scale / ||p|| (K, 1)."""
-    if cpu_kernel.takes(p):  # one pass instead of four (0.38 ms a step at K = 345, D = 512 on 2 cores)
-        return cpu_kernel.scaled_rows(p, scale)
-    f = scale / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
-    return p * f, f
-
-
-def _scaled_rows_backward(
-    w: Tensor, f: Tensor, scale: float, g: Tensor, alpha: float = 1.0, *, overwrite: bool = False
-) -> Tensor:
-    """d(s u)/dp applied to alpha * g, with u = p / ||p|| = w / s:  alpha (s / ||p||) (g - u (u . g)).
-    With `overwrite` it may be written over g."""
-    if overwrite and cpu_kernel.takes(w, f, g):  # one pass instead of three (0.69 ms a step, as above)
-        return cpu_kernel.scaled_rows_backward_(w, f, scale, g, alpha)
-    along = torch.linalg.vecdot(w, g, dim=1)[:, None] / (scale * scale)
-    return torch.addcmul(g, w, along, value=-1.0).mul_(f if alpha == 1.0 else f * alpha)
-
-
-class _ScaledRowNormalize(torch.autograd.Function):
-    """scale * p / ||p|| per row, with its backward in closed form: five ops over (K, D) where autograd
-    through `F.normalize` and a multiply runs about a dozen (at K = 345, D = 512 on a 2-core CPU,
-    0.7 ms instead of 1.5-2 ms per step, next to 5.4 ms of matrix products)."""
-
-    @staticmethod
-    def forward(ctx: Any, p: Tensor, scale: float) -> Tensor:
-        w, f = _scaled_rows(p, scale)
-        ctx.save_for_backward(w, f)
-        ctx.scale = scale
-        return w
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
-        w, f = ctx.saved_tensors
-        return _scaled_rows_backward(w, f, ctx.scale, g), None
-
-
 class ProtoHead(nn.Module):
     """Cosine prototypes (CPL): logits = kappa * cos(x, C_k), C initialised from the text embeddings.
 
@@ -95,15 +47,7 @@ class ProtoHead(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, _ScaledRowNormalize.apply(self.prototypes, self.scale))
-
-    @torch.no_grad()
-    def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
-        """The logits, without autograd, and the map from d loss / d logits to the prototypes' gradient."""
-        w, f = _scaled_rows(self.prototypes, self.scale)
-        return x @ w.T, lambda g, alpha=1.0: (
-            _scaled_rows_backward(w, f, self.scale, g.T @ x, alpha, overwrite=True),
-        )
+        return F.linear(x, self.scale * F.normalize(self.prototypes, dim=1))
 
 
 class LinearHead(nn.Module):
@@ -117,19 +61,6 @@ class LinearHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    @torch.no_grad()
-    def closed_form(self, x: Tensor) -> tuple[Tensor, Backward]:
-        """The logits, without autograd, and the map from d loss / d logits to (d weight, d bias)."""
-
-        def backward(g: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
-            # The bias's sum first, while g is still in cache: after the product it costs twice as much
-            # (0.33 against 0.17 ms at B = 1024, K = 345 on 2 cores). beta = 0: addmm reads the weight only
-            # for its shape, and applies alpha inside the product.
-            d_bias = g.sum(dim=0).mul_(alpha)
-            return torch.addmm(self.weight, g.T, x, beta=0, alpha=alpha), d_bias
-
-        return torch.addmm(self.bias, x, self.weight.T), backward
 
 
 def proto_head(spec: Any, generator: torch.Generator | None = None) -> ProtoHead:
