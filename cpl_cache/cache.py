@@ -3,14 +3,19 @@
 Layout (see DESIGN.md): `C/{domain}/manifest.json`, `C/{domain}/shard-00000.h5`, ...,
 `C/{domain}/text.h5`. A shard is written under a temporary name and renamed when complete; the
 manifest is replaced atomically and lists only complete shards, so a crash never leaves a
-half-written shard that looks valid.
+half-written shard that looks valid. Each shard carries its domain, its row range and a random id,
+which the manifest records too: the reader refuses a shard that is not the one listed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,28 @@ ROW_DTYPES = {
     "index": np.int64,
 }
 
+# The manifest's schema: each key a reader relies on and its JSON type, checked in one place
+# (`parse_manifest`), so a damaged manifest is one line, never a traceback further on.
+MANIFEST_FIELDS: dict[str, type] = {
+    "schema": int,
+    "dataset": str,
+    "domain": str,
+    "classes": list,
+    "num_classes": int,
+    "dim": int,
+    "strong": dict,
+    "weak": dict,
+    "preprocessing": dict,
+    "split": dict,
+    "counts": dict,
+    "shards": list,
+    "skipped": list,
+    "complete": bool,
+}
+MANIFEST_OPTIONAL: dict[str, type] = {"rows": int, "layout": dict}
+SHARD_FIELDS: dict[str, type] = {"file": str, "rows": int, "id": str, "range": list}
+SKIPPED_FIELDS: dict[str, type] = {"path": str, "index": int}
+
 
 def domain_dir(cache_dir: Path | str, domain: str) -> Path:
     return Path(cache_dir) / domain
@@ -46,14 +73,47 @@ def shard_name(number: int, prefix: str = "shard") -> str:
 # ------------------------------------------------------------------------------------ manifest
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a mix."""
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    """The one line for a file that could not be written: the path, the reason and the fix."""
+    why = err.strerror or str(err) or type(err).__name__
+    if err.errno in _DISK_FULL:
+        fix = "free space on that disk (or use another folder) and rerun the same command"
+    elif err.errno in _NOT_WRITABLE:
+        fix = "its folder is not writable; make it writable or pass another folder"
+    else:
+        fix = "check that disk and rerun the same command"
+    return UserError(f"cannot write {path} ({why}); {fix}")
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so that readers see the old or the new file, never a mix.
+
+    On any failure the temporary file is removed; a failing disk (full, read-only, denied) raises
+    a UserError naming `path`.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it is renamed and listed
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_manifest(ddir: Path, manifest: dict[str, Any]) -> None:
@@ -94,6 +154,88 @@ def new_manifest(
     }
 
 
+_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def _damaged(where: str, what: str) -> UserError:
+    return UserError(f"{where} {what}; the manifest is damaged: re-extract with --overwrite")
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _check_fields(
+    where: str, obj: Any, fields: dict[str, type], optional: dict[str, type] | None = None
+) -> None:
+    """`obj` is a JSON object with each key of `fields` of its type (and of `optional`, where present)."""
+    if not isinstance(obj, dict):
+        raise _damaged(where, f"is {json.dumps(obj)[:40]}, expected an object")
+    for key, kind in (fields | (optional or {})).items():
+        if key not in obj:
+            if key in fields:
+                raise _damaged(where, f"lacks {key!r}")
+        elif not _is(obj[key], kind):
+            raise _damaged(where, f"has {key!r} {json.dumps(obj[key])[:40]}, expected {_TYPE_NAMES[kind]}")
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name of the domain's own folder: no folder part, nothing absolute, no `..`."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and Path(name).name == name
+
+
+def _check_shard_entries(path: Path, shards: list[Any]) -> None:
+    """Each listed shard: its fields, a file name inside the domain's folder, a row range that holds
+    its rows; no two shards (nor one shard listed twice) claim the same rows."""
+    spans = []
+    for i, entry in enumerate(shards):
+        where = f"{path}: shard entry {i}"
+        if isinstance(entry, dict) and "id" not in entry and "file" in entry:
+            raise UserError(
+                f"{path} lists shards without their identity (written by an older cpl-cache); "
+                "re-extract with --overwrite"
+            )
+        _check_fields(where, entry, SHARD_FIELDS)
+        name, rows, span = entry["file"], entry["rows"], entry["range"]
+        if not _is_plain_name(name):
+            raise _damaged(where, f"has file {name!r}, which is not a file name inside {path.parent}")
+        if len(span) != 2 or not all(_is(v, int) for v in span) or not 0 <= span[0] <= span[1]:
+            raise _damaged(where, f"has range {json.dumps(span)[:40]}, expected [start, stop] row numbers")
+        if not 0 <= rows <= span[1] - span[0]:
+            raise _damaged(where, f"has {rows} rows in the range {span}")
+        spans.append((span[0], span[1], name))
+    spans.sort()
+    for (_, stop, a), (start, _, b) in zip(spans[:-1], spans[1:], strict=True):
+        if start < stop:
+            raise _damaged(f"{path}:", f"shards {a} and {b} both claim row {start}")
+
+
+def parse_manifest(path: Path) -> dict[str, Any]:
+    """Read a manifest and check it against the schema (`MANIFEST_FIELDS`): a UserError, never a traceback."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable manifest ({err}); re-extract with --overwrite") from None
+    schema = manifest.get("schema") if isinstance(manifest, dict) else "?"
+    if not _is(schema, int) or schema != SCHEMA_VERSION:
+        raise UserError(
+            f"{path} has schema {json.dumps(schema)[:40]}, this cpl-cache reads schema {SCHEMA_VERSION}; "
+            "re-extract with --overwrite"
+        )
+    _check_fields(str(path), manifest, MANIFEST_FIELDS, MANIFEST_OPTIONAL)
+    classes = manifest["classes"]
+    if not all(isinstance(c, str) for c in classes) or manifest["num_classes"] != len(classes):
+        raise _damaged(str(path), f"has num_classes {manifest['num_classes']} and {len(classes)} class names")
+    if manifest["dim"] < 1:
+        raise _damaged(str(path), f"has dim {manifest['dim']}")
+    if not all(_is(v, int) for v in manifest["counts"].values()):
+        raise _damaged(str(path), "has counts that are not integers")
+    _check_shard_entries(path, manifest["shards"])
+    for i, skipped in enumerate(manifest["skipped"]):
+        _check_fields(f"{path}: skipped entry {i}", skipped, SKIPPED_FIELDS)
+    return manifest
+
+
 def read_manifest(
     cache_dir: Path | str,
     domain: str,
@@ -112,15 +254,7 @@ def read_manifest(
             f"no cached domain {domain!r} under {cache_dir} ({path} is missing); "
             f"run `cpl-cache extract --domain {domain} --cache-dir {cache_dir}` first"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable manifest ({err}); re-extract with --overwrite") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
-        raise UserError(
-            f"{path} has schema {manifest.get('schema') if isinstance(manifest, dict) else '?'}, "
-            f"this cpl-cache reads schema {SCHEMA_VERSION}; re-extract with --overwrite"
-        )
+    manifest = parse_manifest(path)
     if manifest.get("domain") != domain:
         raise UserError(
             f"{ddir} holds domain {manifest.get('domain')!r}, not {domain!r}; "
@@ -136,9 +270,9 @@ def read_manifest(
             f"{ddir} has {manifest.get('dim')}-d embeddings, expected {dim}; "
             "use a cache extracted with the same CLIP model"
         )
-    if require_complete and not manifest.get("complete", False):
+    if require_complete and not manifest["complete"]:
         raise UserError(
-            f"{ddir} is an unfinished extraction ({len(manifest.get('shards', []))} shard(s) so far); "
+            f"{ddir} is an unfinished extraction ({len(manifest['shards'])} shard(s) so far); "
             "rerun the same `cpl-cache extract` command to resume it"
         )
     return manifest
@@ -156,13 +290,35 @@ def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ writing
 
 
-def write_shard(path: Path, rows: dict[str, Any]) -> int:
-    """Write one complete shard under a temporary name, then rename it into place."""
+@contextlib.contextmanager
+def _h5_image(path: Path) -> Any:
+    """An HDF5 file built in memory and written to `path` atomically on leaving the block.
+
+    HDF5 never touches the disk itself: a full or failing disk is a plain OSError of one write
+    (`atomic_write_bytes`), never an HDF5 file left open that fails again when it is collected.
+    """
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        yield f
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+def write_shard(
+    path: Path, rows: dict[str, Any], *, domain: str, row_range: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Write one complete shard under a temporary name, then rename it into place; returns its
+    manifest entry: file, rows, a new random id and the row range [start, stop) of the image list it
+    covers (default: its smallest index to its largest + 1), all also stored in the shard."""
     import h5py
 
     n = len(rows["index"])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    index = np.asarray(rows["index"], dtype=np.int64)
+    if row_range is None:
+        row_range = (int(index.min()), int(index.max()) + 1) if n else (0, 0)
+    entry = {"file": path.name, "rows": n, "id": uuid.uuid4().hex, "range": [int(v) for v in row_range]}
+    with _h5_image(path) as f:
         for key, dtype in ROW_DTYPES.items():
             arr = np.ascontiguousarray(rows[key], dtype=dtype)
             if arr.shape[0] != n:
@@ -171,25 +327,18 @@ def write_shard(path: Path, rows: dict[str, Any]) -> int:
         f.create_dataset("paths", data=list(rows["paths"]), dtype=h5py.string_dtype("utf-8"))
         f.attrs["schema"] = SCHEMA_VERSION
         f.attrs["rows"] = n
-    _fsync(tmp)  # on disk before it is renamed and listed: a power cut never lists an empty shard
-    os.replace(tmp, path)
-    return n
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        f.attrs["domain"] = domain
+        f.attrs["id"] = entry["id"]
+        f.attrs["range"] = np.asarray(entry["range"], dtype=np.int64)
+    return entry
 
 
 @dataclass
 class ShardWriter:
     """Buffers rows and writes a shard each time `shard_size` rows are in.
 
-    `on_shard(entry)` is called after each shard is on disk under its final name, with
-    `{"file": name, "rows": n}`; the caller lists it in the manifest (or a rank's progress file).
+    `on_shard(entry)` is called after each shard is on disk under its final name, with the entry
+    `write_shard` returns; the caller lists it in the manifest. The domain is the folder's name.
     """
 
     ddir: Path
@@ -249,11 +398,10 @@ class ShardWriter:
         rows = {k: np.concatenate(self._buf[k]) for k in ROW_FIELDS if k != "paths"}
         rows["paths"] = [p for chunk in self._buf["paths"] for p in chunk]
         name = shard_name(self.next_shard, self.prefix)
-        n = write_shard(self.ddir / name, rows)
+        entry = write_shard(self.ddir / name, rows, domain=self.ddir.name)
         self.next_shard += 1
         self._buf = {k: [] for k in ROW_FIELDS}
         self._buffered = 0
-        entry = {"file": name, "rows": n}
         if self.on_shard is not None:
             self.on_shard(entry)
         return entry
@@ -273,9 +421,7 @@ def write_text(
     import h5py
 
     ddir.mkdir(parents=True, exist_ok=True)
-    path = ddir / TEXT_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    with _h5_image(ddir / TEXT_FILE) as f:
         f.create_dataset("text_embeds", data=np.asarray(text_embeds, dtype=np.float32))
         f.create_dataset("prompts", data=list(prompts), dtype=h5py.string_dtype("utf-8"))
         if token_ids is not None:
@@ -283,8 +429,6 @@ def write_text(
         f.attrs["logit_scale"] = float(logit_scale)
         if prefix_len is not None:
             f.attrs["prefix_len"] = int(prefix_len)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -345,6 +489,32 @@ def _open_shard(path: Path):
         ) from None
 
 
+def _check_shard(path: Path, f: Any, entry: dict[str, Any], domain: str) -> None:
+    """The open shard is the one the manifest lists: its domain, its id, its row range and count."""
+    fix = "restore the shard extract wrote there, or rerun extract with --overwrite"
+    attrs = f.attrs
+    if "id" not in attrs or "domain" not in attrs or "range" not in attrs:
+        raise UserError(
+            f"shard {path} carries no identity (written by an older cpl-cache, or not by extract); "
+            "rerun extract with --overwrite"
+        )
+    if str(attrs["domain"]) != domain:
+        raise UserError(
+            f"shard {path} holds rows of domain {str(attrs['domain'])!r}, not {domain!r} "
+            f"(copied from another cache?); {fix}"
+        )
+    if str(attrs["id"]) != entry["id"]:
+        raise UserError(
+            f"shard {path} is not the shard the manifest lists (its id differs: replaced or copied "
+            f"from another cache?); {fix}"
+        )
+    if [int(v) for v in np.ravel(attrs["range"])] != entry["range"] or int(attrs["rows"]) != entry["rows"]:
+        raise UserError(
+            f"shard {path} covers rows {np.ravel(attrs['range']).tolist()} ({int(attrs['rows'])}), the "
+            f"manifest says {entry['range']} ({entry['rows']}); {fix}"
+        )
+
+
 def _read_rows(path: Path, ds, out: np.ndarray) -> None:
     """Read a whole dataset into `out`: raw bytes for contiguous data (as fast as a flat file)."""
     offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
@@ -393,6 +563,7 @@ def load_domain(
         path = ddir / entry["file"]
         n = int(entry["rows"])
         with _open_shard(path) as f:
+            _check_shard(path, f, entry, domain)
             for key, arr in out.items():
                 try:
                     ds = f[key]
@@ -409,6 +580,11 @@ def load_domain(
                     ) from None
             if with_paths:
                 paths.extend(f["paths"].asstr()[:].tolist())
+        index = out["index"][start : start + n]
+        if n and not (entry["range"][0] <= index.min() and index.max() < entry["range"][1]):
+            raise UserError(
+                f"shard {path} holds rows outside its range {entry['range']}; rerun extract with --overwrite"
+            )
         start += n
 
     # Rows of several ranks may interleave; order by index so every consumer sees one order.
@@ -483,6 +659,7 @@ def describe(cache_dir: Path | str, domain: str | None = None) -> str:
         split_rows = dict.fromkeys(SPLIT_CODES, 0)
         for entry in m["shards"]:
             with _open_shard(ddir / entry["file"]) as f:
+                _check_shard(ddir / entry["file"], f, entry, name)
                 if f["index"].shape[0] != int(entry["rows"]):
                     raise UserError(
                         f"shard {ddir / entry['file']} has {f['index'].shape[0]} rows, the manifest says "

@@ -189,6 +189,14 @@ class ResizeOn(str, Enum):
     device = "device"
 
 
+FollowSymlinksOpt = Annotated[
+    bool,
+    typer.Option(
+        "--follow-symlinks", help="Read images through symbolic links that lead out of --data-root."
+    ),
+]
+
+
 @command("extract")
 def extract_cmd(
     domain: DomainOpt,
@@ -224,6 +232,7 @@ def extract_cmd(
     ] = ResizeOn.auto,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start this domain over.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    follow_symlinks: FollowSymlinksOpt = False,
 ) -> None:
     """Stage one: CLIP image embeddings and weak logits of every image into HDF5 shards (resumable).
 
@@ -249,6 +258,7 @@ def extract_cmd(
         resize_on=resize_on.value,
         overwrite=overwrite,
         progress=progress,
+        follow_symlinks=follow_symlinks,
     )
     r = run_extract(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -286,6 +296,7 @@ def train_weak_cmd(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes that decode images.")] = 4,
     overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint already in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar per epoch.")] = True,
+    follow_symlinks: FollowSymlinksOpt = False,
 ) -> None:
     """Fine-tune an image classifier on the hold split (ground truth) as the weak supervisor."""
     from cpl_cache.weak import WeakConfig, train_weak
@@ -293,7 +304,7 @@ def train_weak_cmd(
     cfg = WeakConfig(
         domain=domain, data_root=data_root, out=out, model=model, dataset=dataset, epochs=epochs, lr=lr,
         batch_size=batch_size, device=device, hold_frac=hold_frac, split_seed=split_seed, seed=seed,
-        workers=workers, overwrite=overwrite, progress=progress,
+        workers=workers, overwrite=overwrite, progress=progress, follow_symlinks=follow_symlinks,
     )  # fmt: skip
     record = train_weak(cfg)
     skipped = f"; skipped {len(record['unreadable'])} unreadable image(s)" if record["unreadable"] else ""

@@ -56,6 +56,7 @@ class WeakConfig:
     workers: int = 4
     overwrite: bool = False
     progress: bool = True
+    follow_symlinks: bool = False  # read images through symbolic links that leave the data root
 
 
 # ------------------------------------------------------------------------------ split record
@@ -346,7 +347,7 @@ def train_weak(cfg: WeakConfig) -> dict[str, Any]:
         raise UserError(
             f"the hold split of {cfg.domain} is empty (--hold-frac {cfg.hold_frac:g}); raise --hold-frac"
         )
-    check_files(images, rows=np.concatenate([hold, test]))
+    check_files(images, rows=np.concatenate([hold, test]), follow_symlinks=cfg.follow_symlinks)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model, processor = load_classifier(cfg.model, images.classes)

@@ -28,3 +28,52 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, ImageSetConfig(classes=SYNTH_CLASSES, per_class=SYNTH_PER_CLASS, seed=0), pretrain=None)
     return out
+
+
+class _FullDiskFile:
+    """A file opened for writing on a disk that is full: it exists (0 bytes), and every write fails."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch):
+    """`full_disk(name, after=0)`: from then on, the cache's writes of files whose final name is `name`
+    fail as on a full disk (ENOSPC), once `after` of them went through; `full_disk(None)` makes room
+    again. No real disk fills up: the `open` that cpl_cache.cache writes with is replaced, so torch
+    and the rest write as usual."""
+    import builtins
+
+    import cpl_cache.cache as cache
+
+    state = {"name": None, "after": 0, "seen": 0}
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        fh = builtins.open(path, mode, *args, **kwargs)
+        final = Path(path).name.lstrip(".").split(".tmp-")[0]  # .shard-00003.h5.tmp-123 -> shard-00003.h5
+        if "w" in mode and final == state["name"]:
+            state["seen"] += 1
+            if state["seen"] > state["after"]:
+                return _FullDiskFile(fh)
+        return fh
+
+    def arm(name: str | None, after: int = 0) -> None:
+        state.update(name=name, after=after, seen=0)
+
+    monkeypatch.setattr(cache, "open", fake_open, raising=False)
+    return arm

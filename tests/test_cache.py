@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 
 import h5py
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 
 from cpl_cache.cache import (
     ShardWriter,
+    atomic_write_text,
     describe,
     load_domain,
     new_manifest,
@@ -137,6 +140,49 @@ def _damage_truncated_shard(root):
     path.write_bytes(path.read_bytes()[:1000])
 
 
+def _damage_shard_of_another_domain(root):
+    """The tester's case: a shard of another domain, of the same row count, copied into this one."""
+    _write_cache(root, domain="sketch", seed=1)
+    shutil.copy(root / "sketch" / "shard-00001.h5", root / "clipart" / "shard-00001.h5")
+
+
+def _damage_shard_swapped(root):
+    shutil.copy(root / "clipart" / "shard-00000.h5", root / "clipart" / "shard-00001.h5")
+
+
+def _edit_manifest(root, edit):
+    path = root / "clipart" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _damage_file_outside(name):
+    def damage(root):
+        shutil.copy(root / "clipart" / "shard-00000.h5", root / "x.h5")
+        _edit_manifest(root, lambda m: m["shards"][0].update(file=name))
+
+    return damage
+
+
+def _damage_field(key, value):
+    return lambda root: _edit_manifest(root, lambda m: m.update({key: value}))
+
+
+def _damage_old_format(root):
+    """A cache written before shards carried their identity: no id in the manifest's entries."""
+    _edit_manifest(root, lambda m: [(e.pop("id"), e.pop("range")) for e in m["shards"]])
+
+
+def _damage_shard_without_identity(root):
+    with h5py.File(root / "clipart" / "shard-00003.h5", "r+") as f:
+        for key in ("id", "domain", "range"):
+            del f.attrs[key]
+
+
+IDENTITY_FIX = "restore the shard extract wrote there, or rerun extract with --overwrite"
+
+
 @pytest.mark.parametrize(
     ("damage", "domain", "message"),
     [
@@ -144,6 +190,15 @@ def _damage_truncated_shard(root):
         (_damage_missing_manifest, "clipart", "no cached domain 'clipart'"),
         (_damage_missing_shard, "clipart", "shard-00002.h5 is listed in the manifest but missing"),
         (_damage_truncated_shard, "clipart", "shard-00001.h5 is unreadable"),
+        (_damage_shard_of_another_domain, "clipart", "holds rows of domain 'sketch', not 'clipart'"),
+        (_damage_shard_swapped, "clipart", "shard-00001.h5 is not the shard the manifest lists"),
+        (_damage_file_outside("../x.h5"), "clipart", "file '../x.h5', which is not a file name inside"),
+        (_damage_file_outside("/abs/x.h5"), "clipart", "file '/abs/x.h5', which is not a file name inside"),
+        (_damage_field("num_classes", "ten"), "clipart", "has 'num_classes' \"ten\", expected an integer"),
+        (_damage_field("shards", 5), "clipart", "has 'shards' 5, expected a list"),
+        (_damage_field("dim", None), "clipart", "has 'dim' null, expected an integer"),
+        (_damage_old_format, "clipart", "written by an older cpl-cache); re-extract with --overwrite"),
+        (_damage_shard_without_identity, "clipart", "shard-00003.h5 carries no identity"),
     ],
 )
 def test_info_refuses_damaged_caches_in_one_line(tmp_path, damage, domain, message):
@@ -213,3 +268,124 @@ def test_shard_files_are_only_visible_once_complete(tmp_path):
     assert seen == [(4, 4), (4, 4)]
     writer.flush()
     assert seen[-1] == (2, 2)
+
+
+# ------------------------------------------------------------------------------------ integrity
+
+
+def test_each_shard_carries_its_domain_row_range_and_id_as_the_manifest_lists_them(tmp_path):
+    _write_cache(tmp_path)
+    manifest = read_manifest(tmp_path, "clipart")
+    assert [e["range"] for e in manifest["shards"]] == [[0, 6], [6, 12], [12, 18], [18, 24], [24, 27]]
+    assert len({e["id"] for e in manifest["shards"]}) == 5
+    for entry in manifest["shards"]:
+        with h5py.File(tmp_path / "clipart" / entry["file"]) as f:
+            assert f.attrs["domain"] == "clipart" and f.attrs["id"] == entry["id"]
+            assert f.attrs["range"].tolist() == entry["range"] and f.attrs["rows"] == entry["rows"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _damage_shard_of_another_domain,
+        _damage_shard_swapped,
+        _damage_file_outside("../x.h5"),
+        _damage_old_format,
+    ],
+)
+def test_the_reader_refuses_a_shard_that_is_not_the_listed_one(tmp_path, damage):
+    """What `train` loads: quickdraw scored 69.23% on a sketch shard copied in (the truth: 34.62%)."""
+    _write_cache(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(UserError, match="--overwrite") as err:
+        load_domain(tmp_path, "clipart")
+    assert "\n" not in str(err.value) and str(tmp_path / "clipart") in str(err.value)
+
+
+def test_rows_outside_a_shards_range_or_claimed_twice_are_refused(tmp_path):
+    _write_cache(tmp_path)
+    with h5py.File(tmp_path / "clipart" / "shard-00001.h5", "r+") as f:
+        f["index"][0] = 99
+    with pytest.raises(UserError, match="shard-00001.h5 holds rows outside its range"):
+        load_domain(tmp_path, "clipart")
+    _edit_manifest(tmp_path, lambda m: m["shards"][2].update(range=[10, 18]))
+    with pytest.raises(UserError, match="shards shard-00001.h5 and shard-00002.h5 both claim row 10"):
+        load_domain(tmp_path, "clipart")
+
+
+# Every key a reader relies on, with a value of the wrong JSON type.
+MANIFEST_KEYS = {
+    "schema": "1", "dataset": 3, "domain": 3, "classes": {}, "num_classes": "ten", "dim": None,
+    "strong": "s", "weak": [], "preprocessing": 0, "split": [], "counts": [], "shards": 5, "skipped": {},
+    "complete": 1,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "wrong"), MANIFEST_KEYS.items())
+def test_every_manifest_key_is_checked_against_the_schema(tmp_path, key, wrong):
+    _write_cache(tmp_path)
+    _edit_manifest(tmp_path, lambda m: m.pop(key))
+    with pytest.raises(UserError, match=f"lacks '{key}'|has schema null"):
+        read_manifest(tmp_path, "clipart")
+    _edit_manifest(tmp_path, lambda m: m.update({key: wrong}))
+    with pytest.raises(UserError, match=f"has '{key}' .*, expected|has schema \"1\", this"):
+        read_manifest(tmp_path, "clipart")
+    result = _info("--cache-dir", str(tmp_path), "--domain", "clipart")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize(
+    ("code", "at", "fix"),
+    [
+        (errno.ENOSPC, "write", "free space on that disk"),
+        (errno.EDQUOT, "write", "free space on that disk"),
+        (errno.EROFS, "open", "not writable"),
+        (errno.EACCES, "open", "not writable"),
+    ],
+)
+def test_a_failed_atomic_write_keeps_the_old_file_leaves_no_temporary_and_names_the_path(
+    tmp_path, monkeypatch, code, at, fix
+):
+    import builtins
+
+    import cpl_cache.cache as cache
+
+    path = tmp_path / "results.json"
+    path.write_text("old\n")
+
+    def fake_open(name, mode="r", *args, **kwargs):
+        if at == "open":
+            raise OSError(code, os.strerror(code), str(name))
+        fh = builtins.open(name, mode, *args, **kwargs)
+
+        def write(data):
+            raise OSError(code, os.strerror(code))
+
+        fh.write = write
+        return fh
+
+    monkeypatch.setattr(cache, "open", fake_open, raising=False)
+    with pytest.raises(UserError) as err:
+        atomic_write_text(path, "new\n")
+    assert str(err.value).startswith(f"cannot write {path} ({os.strerror(code)}); ") and fix in str(err.value)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_train_on_a_full_disk_is_one_line_naming_the_results_file_and_leaves_no_temporary(
+    tmp_path, full_disk
+):
+    write_planted_cache(tmp_path / "cache", PlantedConfig(domain="real", n_train=40, n_hold=10, n_test=10,
+                                                          dim=8, classes=4))  # fmt: skip
+    full_disk("weak-seed0.json")
+    args = ["train", "--method", "weak", "--domain", "real", "--cache-dir", str(tmp_path / "cache")]
+    try:
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "results"), "--device", "cpu"])
+    finally:
+        import torch
+
+        torch.set_flush_denormal(False)  # train sets it for the whole process; later tests expect it off
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    want = f"cannot write {tmp_path / 'results' / 'real' / 'weak-seed0.json'} (No space left on device)"
+    assert len(lines) == 1 and want in lines[0], result.stderr
+    assert list((tmp_path / "results" / "real").iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -80,6 +81,14 @@ def test_hold_hash_is_the_sha256_of_the_sorted_hold_paths(tmp_path):
         (TRAIN, ["sketch/kiwi/e.jpg 3"], "real_test.txt:1: path 'sketch/kiwi/e.jpg' is not of the form"),
         (TRAIN, ["real/e.jpg 3"], "is not of the form 'real/CLASS/FILE'"),
         (TRAIN, ["real/kiwi/e.jpg -1"], "real_test.txt:1: negative label -1"),
+        # An image listed twice would be cached twice; one in both lists would be trained on and scored.
+        (
+            TRAIN + ["real/zebra/a.jpg 0"],
+            TEST,
+            "real_train.txt:5: 'real/zebra/a.jpg' is listed twice (first at",
+        ),
+        (TRAIN, TEST + ["real/apple/./f.jpg 1"], "real_test.txt:5: 'real/apple/./f.jpg' is listed twice"),
+        (TRAIN, TEST + ["real/zebra/c.jpg 0"], "real_test.txt:5: 'real/zebra/c.jpg' is in the test list and"),
     ],
 )
 def test_bad_lists_are_refused_naming_the_line(tmp_path, train, test, message):
@@ -88,6 +97,16 @@ def test_bad_lists_are_refused_naming_the_line(tmp_path, train, test, message):
         load_domainnet(tmp_path, "real")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_an_image_in_both_lists_names_both_lines(tmp_path):
+    _write(tmp_path, TRAIN, TEST + ["real/mango/d.jpg 2"])
+    with pytest.raises(UserError) as err:
+        load_domainnet(tmp_path, "real")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'real_test.txt'}:5: 'real/mango/d.jpg' is in the test list"
+    )
+    assert f"train list ({tmp_path / 'real_train.txt'}:4)" in str(err.value)
 
 
 def test_unknown_domain_missing_root_and_missing_list_say_what_was_expected(tmp_path):
@@ -251,8 +270,75 @@ def test_load_rgb_handles_grayscale_cmyk_palettes_transparency_and_rotation(tmp_
     assert load_rgb(_save(tmp_path / "r.jpg", rotated, exif=exif)).size == (2, 4)
 
 
+def _wide(mode: str, values: np.ndarray) -> Image.Image:
+    if mode == "I;16B":
+        return Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+    return Image.fromarray({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode](values))
+
+
+@pytest.mark.parametrize(("mode", "suffix"), [("I;16", "png"), ("I;16B", "tif"), ("I", "tif"), ("F", "tif")])
+def test_load_rgb_scales_16_bit_and_float_images_to_8_bits(tmp_path, mode, suffix):
+    """A 16-bit PNG decoded by `convert("RGB")` is all white (everything above 255 clips)."""
+    rng = np.random.default_rng(0)
+    v16 = rng.integers(0, 65536, (5, 6))
+    v16[0, :3] = [0, 65535, 32896]  # black, white, mid grey (128 * 257)
+    values = v16 / 65535 if mode == "F" else v16
+    path = _save(tmp_path / f"wide.{suffix}", _wide(mode, values))
+    with Image.open(path) as im:
+        assert im.mode == mode
+    got = np.asarray(load_rgb(path))
+    want = np.round(values * 255 if mode == "F" else values / 257).astype(np.uint8)
+    assert got.shape == (5, 6, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, np.repeat(want[..., None], 3, axis=2))
+    assert got[0, :3, 0].tolist() == [0, 255, 128]
+
+
 def test_load_rgb_raises_oserror_on_a_file_that_is_not_an_image(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(OSError):
         load_rgb(bad)
+
+
+def _tree(root):
+    """Every image of the lists on disk (empty files: enough for the file checks)."""
+    images = load_domainnet(_write(root), "real")
+    for rel in images.paths:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    return images
+
+
+def test_a_symlink_that_leads_out_of_the_data_root_is_refused_unless_followed(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    images = _tree(root)
+    outside.mkdir()
+    (outside / "b.jpg").write_bytes(b"x")
+    (root / "real/apple/b.jpg").unlink()
+    (root / "real/apple/b.jpg").symlink_to(outside / "b.jpg")
+    with pytest.raises(UserError) as err:
+        check_files(images)
+    assert str(err.value) == (
+        f"{root / 'real/apple/b.jpg'} is a symbolic link to {outside / 'b.jpg'}, outside the data root "
+        f"{root}; pass --follow-symlinks to read images through it"
+    )
+    check_files(images, follow_symlinks=True)
+
+    # A class folder linked from elsewhere is named as the link.
+    shutil.move(root / "real/mango", outside / "mango")
+    (root / "real/mango").symlink_to(outside / "mango")
+    (root / "real/apple/b.jpg").unlink()
+    (root / "real/apple/b.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match=f"^{root / 'real/mango'} is a symbolic link to {outside / 'mango'}"):
+        check_files(images)
+
+
+def test_symlinks_inside_the_data_root_and_a_linked_root_are_read(tmp_path):
+    root = tmp_path / "data"
+    images = _tree(root)
+    (root / "store").mkdir()
+    shutil.move(root / "real/apple/b.jpg", root / "store/b.jpg")
+    (root / "real/apple/b.jpg").symlink_to("../../store/b.jpg")
+    check_files(images)
+    (tmp_path / "link").symlink_to(root)
+    check_files(load_domainnet(tmp_path / "link", "real"))

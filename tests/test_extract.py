@@ -314,6 +314,8 @@ def test_bad_images_with_skip_are_listed_and_the_rest_is_extracted(synth_dir, tm
         _damage(root, rel, how)
     res = _extract_cli(synth_dir, root, tmp_path / "cache", "--on-bad-image", "skip", "--shard-size", "4")
     assert res.exit_code == 0, res.output
+    assert "40 rows" not in res.output and "36 rows in 10 shard(s)" in res.output
+    assert "(36 new, 4 skipped)" in res.output  # skipped images are not new rows
     got = load_domain(tmp_path / "cache", "painting", with_paths=True)
     assert got.paths == [p for p in paths if p not in bad]
     skipped = got.manifest["skipped"]
@@ -322,6 +324,72 @@ def test_bad_images_with_skip_are_listed_and_the_rest_is_extracted(synth_dir, tm
     assert "truncated" in reasons[paths[3]] and "0 bytes" in reasons[paths[17]]
     assert "not found" in reasons[paths[35]]
     assert got.manifest["rows"] == 36 and got.manifest["complete"]
+
+
+def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(synth_dir, tmp_path):
+    root, paths = _copy_domain(synth_dir, tmp_path, "painting")
+    cache, ddir = tmp_path / "cache", tmp_path / "cache" / "painting"
+    assert _extract_cli(synth_dir, root, cache, "--shard-size", "16").exit_code == 0
+    before = (ddir / "manifest.json").read_bytes()
+    old = load_domain(cache, "painting", with_paths=True)
+
+    def unchanged():
+        assert (ddir / "manifest.json").read_bytes() == before
+        got = load_domain(cache, "painting", with_paths=True)
+        assert got.paths == old.paths and torch.equal(got.image_embeds, old.image_embeds)
+
+    # The images are checked first: a missing one stops the run before anything is written.
+    (root / paths[5]).rename(tmp_path / "aside.jpg")
+    res = _extract_cli(synth_dir, root, cache, "--shard-size", "16", "--overwrite")
+    assert res.exit_code == 2 and "1 of 40" in res.output, res.output
+    unchanged()
+    (tmp_path / "aside.jpg").rename(root / paths[5])
+
+    # An image that fails to decode half-way: the old cache is still the one a reader gets.
+    _damage(root, paths[21], "truncated")
+    res = _extract_cli(synth_dir, root, cache, "--shard-size", "16", "--overwrite")
+    assert res.exit_code == 2 and paths[21] in res.output, res.output
+    unchanged()
+
+    # The same command once the image is back: resumes the new cache (rows 16..39) and swaps it in.
+    shutil.copy(synth_dir / "domainnet" / paths[21], root / paths[21])
+    res = _extract_cli(synth_dir, root, cache, "--shard-size", "16", "--overwrite")
+    assert res.exit_code == 0 and "40 rows in 3 shard(s)" in res.output and "(24 new," in res.output, (
+        res.output
+    )
+    new = load_domain(cache, "painting", with_paths=True)
+    assert (
+        new.paths == old.paths and (new.image_embeds.float() - old.image_embeds.float()).abs().max() <= 1e-3
+    )
+    ids = {e["id"] for e in new.manifest["shards"]}
+    assert ids.isdisjoint(e["id"] for e in old.manifest["shards"])
+    assert sorted(p.name for p in ddir.iterdir()) == [
+        ".extract.lock", "manifest.json", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5", "text.h5"
+    ]  # fmt: skip
+
+
+def test_symlinks_out_of_the_data_root_are_refused_unless_followed(synth_dir, tmp_path):
+    root, paths = _copy_domain(synth_dir, tmp_path, "painting")
+    outside = tmp_path / "elsewhere.jpg"
+    (root / paths[7]).rename(outside)
+    (root / paths[7]).symlink_to(outside)
+    res = _extract_cli(synth_dir, root, tmp_path / "cache")
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and f"{root / paths[7]} is a symbolic link to {outside}" in lines[0]
+    assert "--follow-symlinks" in lines[0] and not (tmp_path / "cache" / "painting").exists()
+    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--follow-symlinks")
+    assert res.exit_code == 0 and "40 rows" in res.output, res.output
+
+
+def test_a_duplicate_list_line_is_refused_before_any_model_loads(synth_dir, tmp_path):
+    root, paths = _copy_domain(synth_dir, tmp_path, "painting")
+    lines = (root / "painting_test.txt").read_text().splitlines()
+    (root / "painting_test.txt").write_text("\n".join([*lines, lines[2]]) + "\n")
+    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--strong", str(tmp_path / "no-such-model"))
+    assert res.exit_code == 2, res.output
+    want = f"{root / 'painting_test.txt'}:{len(lines) + 1}: {lines[2].split()[0]!r} is listed twice"
+    assert want in res.output and len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_weak_checkpoint_with_other_labels_is_refused(synth_dir, tmp_path):
@@ -440,7 +508,9 @@ def test_an_unfinished_cache_resumes_only_with_its_layout_unless_nothing_was_don
     open_cache(ddir, fresh(4), overwrite=False, is_writer=True)
     assert open_cache(ddir, fresh(2), overwrite=False, is_writer=True)["layout"]["shard_size"] == 2
     m = json.loads((ddir / "manifest.json").read_text())
-    m["shards"] = [{"file": "shard-00000.h5", "rows": 2, "number": 0, "rank": 0}]
+    m["shards"] = [
+        {"file": "shard-00000.h5", "rows": 2, "id": "0" * 32, "range": [0, 2], "number": 0, "rank": 0}
+    ]
     (ddir / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="--shard-size 2; resume it with the same"):
         open_cache(ddir, fresh(4), overwrite=False, is_writer=True)

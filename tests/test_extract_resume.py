@@ -145,3 +145,46 @@ def test_two_process_torchrun_on_cpu_gives_the_rows_of_one_process(synth_dir, tm
     got = load_domain(cache, DOMAIN, with_paths=True)
     assert len(np.unique(got.index.numpy())) == len(got.index) == 40  # no padding, no duplicates
     _assert_same_rows(got, clean_run)
+
+
+@pytest.mark.parametrize(("name", "after"), [("shard-00003.h5", 0), ("manifest.json", 3), ("text.h5", 0)])
+def test_a_full_disk_ends_in_one_line_leaves_no_temporaries_and_the_rerun_resumes(
+    synth_dir, tmp_path, clean_run, full_disk, name, after
+):
+    """The disk fills up writing a shard, the manifest (after the fresh one and two shard updates), or
+    text.h5: one line naming the file, exit 2, no half-written file; the same command then finishes."""
+    cache = tmp_path / "cache"
+    ddir = cache / DOMAIN
+    full_disk(name, after)
+    res = CliRunner().invoke(app, _args(synth_dir, cache))
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert lines == [
+        f"cpl-cache: error: cannot write {ddir / name} (No space left on device); free space on that disk "
+        "(or use another folder) and rerun the same command"
+    ], res.output
+    assert not list(ddir.glob(".*tmp-*"))
+    listed = _listed_shards_are_whole(ddir)
+    assert listed == {"shard-00003.h5": 3, "manifest.json": 2, "text.h5": 0}[name]
+
+    full_disk(None)  # the disk has room again
+    done = CliRunner().invoke(app, _args(synth_dir, cache))
+    assert done.exit_code == 0, done.output
+    assert f"({40 - 4 * listed} new, 0 skipped)" in done.output
+    _assert_same_rows(load_domain(cache, DOMAIN, with_paths=True), clean_run)
+
+
+def test_a_second_extract_into_the_same_cache_is_refused_naming_the_lock(synth_dir, tmp_path):
+    from cpl_cache.extract.writer import domain_lock
+
+    ddir = tmp_path / "cache" / DOMAIN
+    ddir.mkdir(parents=True)
+    with domain_lock(ddir):  # what the first extract holds while it runs
+        res = CliRunner().invoke(app, _args(synth_dir, tmp_path / "cache"))
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and f"another extract (pid {os.getpid()}) is writing {ddir}" in lines[0], (
+        res.output
+    )
+    assert f"it holds the lock {ddir / '.extract.lock'}" in lines[0]
+    assert not (ddir / "manifest.json").exists()  # it wrote nothing

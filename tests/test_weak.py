@@ -269,3 +269,27 @@ def test_split_record_hash_matches_a_hash_computed_from_the_lists(trained, data_
     hold = sorted(images.paths[i] for i in np.flatnonzero(images.split == 1))
     assert record["hold_hash"] == hashlib.sha256("\n".join(hold).encode()).hexdigest()
     assert record["num_hold"] == len(hold) == 32
+
+
+def test_links_out_of_the_root_and_images_in_both_lists_are_refused_before_the_model_loads(
+    data_root, tmp_path
+):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    images = load_domainnet(root, "real")
+    no_model = ["--model", "./no/such/folder"]  # reached only once the data passed its checks
+    base = ["train-weak", "--domain", "real", "--data-root", str(root), "--out", str(tmp_path / "o")]
+    rel = images.paths[images.rows("hold")[0]]
+    (root / rel).rename(tmp_path / "elsewhere.jpg")
+    (root / rel).symlink_to(tmp_path / "elsewhere.jpg")
+    _one_line_error([*base, *no_model], f"{root / rel} is a symbolic link to", "pass --follow-symlinks")
+    _one_line_error([*base, *no_model, "--follow-symlinks"], "model folder ./no/such/folder does not exist")
+
+    train, test = (root / "real_train.txt").read_text(), (root / "real_test.txt").read_text()
+    (root / "real_train.txt").write_text(train + test.splitlines()[3] + "\n")  # a test image trained on
+    n = len(train.splitlines()) + 1
+    _one_line_error(
+        [*base, *no_model, "--follow-symlinks"],
+        f"{root / 'real_test.txt'}:4: {test.splitlines()[3].split()[0]!r} is in the test list and in the "
+        f"train list ({root / 'real_train.txt'}:{n})",
+    )

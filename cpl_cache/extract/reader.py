@@ -396,13 +396,16 @@ def _identity(item: Any) -> Any:
 # ------------------------------------------------------------------------------------ file checks
 
 
-def check_before_models(images: ImageList, on_bad_image: str, limit: int = 5) -> dict[int, str]:
-    """The checks that cost seconds, before any model is loaded: missing and zero-byte files.
+def check_before_models(
+    images: ImageList, on_bad_image: str, limit: int = 5, *, follow_symlinks: bool = False
+) -> dict[int, str]:
+    """The checks that cost seconds, before any model is loaded: missing and zero-byte files, and
+    symbolic links out of the data root (refused unless `follow_symlinks`).
 
     With `error` a problem raises a UserError (count and first few paths); with `skip` the rows come
     back as {row: reason} to leave out of the run.
     """
-    missing, empty = scan_files(images)
+    missing, empty = scan_files(images, follow_symlinks=follow_symlinks)
     if on_bad_image == "error":
         if missing:
             raise missing_files_error(images, missing, len(images), limit)

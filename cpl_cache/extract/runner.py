@@ -11,6 +11,7 @@ contiguous share of the rows and writes its own shards; rank 0 writes the manife
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ class ExtractConfig:
     resize_on: str = "auto"  # where PIL's resizes run: "workers", "device", or "auto" (the device on CUDA)
     overwrite: bool = False
     progress: bool = True
+    follow_symlinks: bool = False  # read images through symbolic links that leave the data root
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ON_BAD_IMAGE:
@@ -128,12 +130,13 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract one domain into `cfg.cache_dir/cfg.domain`, resuming a run made the same way."""
     dist = Dist.from_env()
     try:
-        return _run(cfg, dist)
+        with contextlib.ExitStack() as held:  # the domain's lock, once rank 0 takes it
+            return _run(cfg, dist, held)
     finally:
         dist.close()
 
 
-def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
+def _run(cfg: ExtractConfig, dist: Dist, held: contextlib.ExitStack) -> dict[str, Any]:
     import torch
 
     from cpl_cache.datasets import load_dataset, prompt_for
@@ -144,7 +147,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     images = load_dataset(
         cfg.dataset, Path(cfg.data_root), cfg.domain, hold_frac=cfg.hold_frac, split_seed=cfg.split_seed
     )
-    known_bad = reader.check_before_models(images, cfg.on_bad_image)
+    known_bad = reader.check_before_models(images, cfg.on_bad_image, follow_symlinks=cfg.follow_symlinks)
     if known_bad:
         _say(dist, f"cpl-cache: {len(known_bad)} listed image(s) missing or empty; they will be skipped")
 
@@ -184,18 +187,32 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     )
     ddir = domain_dir(cfg.cache_dir, cfg.domain)
     ddir.mkdir(parents=True, exist_ok=True)
+    # --overwrite builds the new cache in a folder of its own: the old one stays until it is done.
+    wdir = writer.staging_dir(ddir) if cfg.overwrite else ddir
     if dist.rank == 0:
-        manifest = writer.open_cache(ddir, fresh, overwrite=cfg.overwrite, is_writer=True)
+        held.enter_context(writer.domain_lock(ddir))
+        wdir.mkdir(exist_ok=True)
+        manifest = writer.open_cache(wdir, fresh, overwrite=cfg.overwrite, is_writer=True)
     dist.barrier()
     if dist.rank != 0:
-        manifest = writer.open_cache(ddir, fresh, overwrite=False, is_writer=False)
-    if manifest.get("complete"):
-        _say(dist, f"cpl-cache: {ddir} is already complete; pass --overwrite to extract it again")
+        manifest = writer.open_cache(wdir, fresh, overwrite=False, is_writer=False)
+    if manifest["complete"]:
+        if wdir == ddir:
+            _say(dist, f"cpl-cache: {ddir} is already complete; pass --overwrite to extract it again")
+            staged = writer.staging_dir(ddir)
+            if staged.is_dir():
+                _say(
+                    dist,
+                    f"cpl-cache: {staged} holds an unfinished --overwrite run; "
+                    "rerun with --overwrite to finish it, or remove that folder",
+                )
+        elif dist.rank == 0:
+            writer.promote(wdir, ddir)  # an --overwrite run stopped after finishing, before the swap
         return _summary(manifest, ddir, 0, time.perf_counter() - t0, device)
 
     start, stop = reader.rank_share(len(images), dist.rank, dist.world)
     all_ranges = dict(enumerate(reader.shard_ranges(start, stop, cfg.shard_size)))
-    done = writer.done_shards(ddir, manifest, dist.rank, dist.world)
+    done = writer.done_shards(wdir, manifest, dist.rank, dist.world)
     todo = {n: r for n, r in all_ranges.items() if n not in done}
     specs = reader.batch_specs(todo, cfg.batch_size)
 
@@ -207,13 +224,13 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
     if torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
     models = mapper.Mapper(cfg.strong, cfg.weak, plans, device)
-    if dist.rank == 0 and (not (ddir / TEXT_FILE).is_file() or not done):
+    if dist.rank == 0 and (not (wdir / TEXT_FILE).is_file() or not done):
         prompts = [prompt_for(c) for c in images.classes]
         text, scale, token_ids, prefix_len = models.text(prompts)
-        write_text(ddir, text, prompts, scale, token_ids=token_ids, prefix_len=prefix_len)
+        write_text(wdir, text, prompts, scale, token_ids=token_ids, prefix_len=prefix_len)
 
     sink = writer.ShardSink(
-        ddir,
+        wdir,
         manifest,
         rank=dist.rank,
         world=dist.world,
@@ -225,7 +242,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
         paths=images.paths,
     )
     n_todo = sum(b - a for a, b in todo.values())
-    rows_done = 0
+    rows_done = rows_new = 0  # rows decoded (skipped ones too), rows written
     bar = None
     if cfg.progress and dist.rank == 0:
         from tqdm import tqdm
@@ -247,6 +264,7 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
             if len(rows):
                 embeds, logits = models(batch)
                 sink.add(batch["shard"], rows, embeds, logits)
+                rows_new += len(rows)
             if batch["last"]:
                 sink.close_shard(batch["shard"])
             n = batch["stop"] - batch["start"]
@@ -266,11 +284,13 @@ def _run(cfg: ExtractConfig, dist: Dist) -> dict[str, Any]:
             r: len(reader.shard_ranges(*reader.rank_share(len(images), r, dist.world), cfg.shard_size))
             for r in range(dist.world)
         }
-        manifest = writer.finish(ddir, manifest, dist.world, expected)
+        manifest = writer.finish(wdir, manifest, dist.world, expected)
+        if wdir != ddir:
+            writer.promote(wdir, ddir)
     dist.barrier()
     if dist.rank != 0:
         manifest = read_manifest(cfg.cache_dir, cfg.domain)
-    summary = _summary(manifest, ddir, dist.total(rows_done), time.perf_counter() - t0, device)
+    summary = _summary(manifest, ddir, dist.total(rows_new), time.perf_counter() - t0, device)
     summary.update(loop_seconds=loop_s, write_seconds=sink.write_seconds, timeline=timeline)
     return summary
 

@@ -5,12 +5,19 @@ renamed into place only once complete (`cache.write_shard`), then recorded: in o
 manifest itself (replaced atomically); with several ranks, in the rank's own `progress-rNN.json`,
 which rank 0 merges into the manifest once every rank is done. A rerun recomputes the same ranges
 and skips the recorded ones, so the finished cache holds exactly the rows of an uninterrupted run.
+An --overwrite run does all of this in a staging folder and swaps the result in at the end; rank 0
+holds a lock on the domain's folder throughout, so two runs never write one cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +27,15 @@ from cpl_cache.cache import (
     MANIFEST,
     TEXT_FILE,
     atomic_write_text,
+    parse_manifest,
     shard_name,
     write_manifest,
     write_shard,
 )
 from cpl_cache.errors import UserError
+
+STAGING = ".overwrite"  # inside the domain's folder: where an --overwrite run builds its cache
+LOCK = ".extract.lock"  # inside the domain's folder: held by the run that writes it
 
 # Manifest keys that must agree for a rerun to continue an existing cache.
 IDENTITY_KEYS = ("dataset", "domain", "classes", "dim", "strong", "weak", "preprocessing", "split", "counts")
@@ -38,23 +49,78 @@ def progress_path(ddir: Path, rank: int) -> Path:
     return ddir / f"progress-r{rank:02d}.json"
 
 
-def clear_domain(ddir: Path) -> int:
-    """Remove what extract wrote for a domain (--overwrite); other files in the folder stay."""
+def clear_domain(ddir: Path, keep: frozenset[str] | set[str] = frozenset()) -> int:
+    """Remove what extract wrote for a domain, the manifest first; other files in the folder, and
+    the names in `keep`, stay."""
     removed = 0
     if not ddir.is_dir():
         return 0
+    if (ddir / MANIFEST).is_file():
+        (ddir / MANIFEST).unlink()  # from here on no reader takes what is left for a cache
+        removed += 1
     for p in ddir.iterdir():
         n = p.name
         ours = (
-            n in (MANIFEST, TEXT_FILE)
+            n == TEXT_FILE
             or (n.startswith("shard-") and n.endswith(".h5"))
             or (n.startswith("progress-r") and n.endswith(".json"))
             or (n.startswith((".shard-", f".{MANIFEST}", f".{TEXT_FILE}", ".progress-r")) and ".tmp-" in n)
         )
-        if ours and p.is_file():
+        if ours and n not in keep and p.is_file():
             p.unlink()
             removed += 1
     return removed
+
+
+def staging_dir(ddir: Path) -> Path:
+    """Where an --overwrite run builds the new cache; the old one stays in `ddir` until it is done."""
+    return ddir / STAGING
+
+
+def promote(staging: Path, ddir: Path) -> None:
+    """Move a finished --overwrite run from `staging` into `ddir`, replacing the old cache only now.
+
+    The staging manifest moves last, so a run killed part-way still finds it and promotes again.
+    """
+    new = parse_manifest(staging / MANIFEST)
+    names = {e["file"] for e in new["shards"]} | {TEXT_FILE}
+    clear_domain(ddir, keep=names)  # old files the new cache does not replace
+    for name in sorted(names):
+        if (staging / name).is_file():
+            os.replace(staging / name, ddir / name)
+    os.replace(staging / MANIFEST, ddir / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def domain_lock(ddir: Path) -> Iterator[None]:
+    """An advisory lock on the domain's folder for a whole run, taken by the writer (rank 0) only:
+    a second extract into the same cache refuses instead of interleaving its shards with ours."""
+    import fcntl
+
+    path = ddir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise UserError(
+                f"another extract{f' (pid {pid})' if pid else ''} is writing {ddir}: it holds the lock "
+                f"{path}; wait for it to finish, or pass another --cache-dir"
+            ) from None
+        except OSError as err:  # a file system without locks (some network mounts): say so, go on
+            print(
+                f"cpl-cache: cannot lock {path} ({err.strerror or err}); make sure no other extract "
+                "writes this cache at the same time",
+                file=sys.stderr,
+            )
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a new run)
 
 
 def remove_temporaries(ddir: Path, patterns: tuple[str, ...]) -> None:
@@ -86,41 +152,47 @@ def identity_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+def _continue(ddir: Path, fresh: dict[str, Any], is_writer: bool) -> dict[str, Any]:
+    """The existing manifest of `ddir` if this run may continue it (or a fresh one where nothing was
+    done yet under another layout); a UserError naming the difference if not."""
+    path = ddir / MANIFEST
+    old = parse_manifest(path)
+    why = identity_mismatch(old, fresh)
+    if why is not None:
+        raise UserError(
+            f"{ddir} holds a cache made with {why}; pass --overwrite to replace it, or another --cache-dir"
+        )
+    layout, was = fresh["layout"], old.get("layout")
+    started = old["shards"] or any(ddir.glob("progress-r*.json"))
+    if layout != was and not old["complete"] and not started and is_writer:
+        write_manifest(ddir, fresh)  # nothing done yet: the new layout costs nothing
+        return fresh
+    if layout != was and not old["complete"]:
+        raise UserError(
+            f"{ddir} holds an unfinished extraction made with {(was or {}).get('world_size')} "
+            f"process(es) and --shard-size {(was or {}).get('shard_size')}; resume it with the same, "
+            "or pass --overwrite to start over"
+        )
+    return old
+
+
 def open_cache(ddir: Path, fresh: dict[str, Any], *, overwrite: bool, is_writer: bool) -> dict[str, Any]:
     """The manifest to extend: a fresh one, or the existing one if it was made the same way.
 
-    `is_writer` (rank 0) clears (--overwrite) and writes; other ranks only read and check.
+    `is_writer` (rank 0) writes; other ranks only read and check. With `overwrite` (`ddir` is then
+    the staging folder of an --overwrite run) a cache that cannot be continued is started over
+    instead of refused; one made the same way is resumed, as without --overwrite.
     """
-    path = ddir / MANIFEST
-    if overwrite and is_writer:
-        clear_domain(ddir)
     if is_writer:
         remove_temporaries(ddir, (f".{MANIFEST}.tmp-*", f".{TEXT_FILE}.tmp-*"))
-    if path.is_file():
+    if (ddir / MANIFEST).is_file():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict):
-            raise UserError(f"{path} is not a readable manifest; pass --overwrite to start this domain over")
-        why = identity_mismatch(old, fresh)
-        if why is not None:
-            raise UserError(
-                f"{ddir} holds a cache made with {why}; pass --overwrite to replace it, "
-                "or another --cache-dir"
-            )
-        layout, was = fresh["layout"], old.get("layout")
-        started = old.get("shards") or any(ddir.glob("progress-r*.json"))
-        if layout != was and not old.get("complete") and not started and is_writer:
-            write_manifest(ddir, fresh)  # nothing done yet: the new layout costs nothing
-            return fresh
-        if layout != was and not old.get("complete"):
-            raise UserError(
-                f"{ddir} holds an unfinished extraction made with {(was or {}).get('world_size')} "
-                f"process(es) and --shard-size {(was or {}).get('shard_size')}; resume it with the same, "
-                "or pass --overwrite to start over"
-            )
-        return old
+            return _continue(ddir, fresh, is_writer)
+        except UserError:
+            if not (overwrite and is_writer):
+                raise
+    if overwrite and is_writer:
+        clear_domain(ddir)
     if is_writer:
         write_manifest(ddir, fresh)
     return fresh
@@ -207,10 +279,10 @@ class ShardSink:
         """Write shard `number` (maybe short, or empty if every image in it was skipped) and record it."""
         t = time.perf_counter()
         name = shard_name(number, self.prefix)
-        entry = {"file": name, "rows": write_shard(self.ddir / name, self._shard_rows())}
+        rows, domain = self._shard_rows(), self.manifest["domain"]
+        entry = write_shard(self.ddir / name, rows, domain=domain, row_range=self.ranges[number])
         self._chunks = []
-        a, b = self.ranges[number]
-        entry.update(rank=self.rank, number=number, range=[a, b])
+        entry.update(rank=self.rank, number=number)
         skipped, self.skipped = self.skipped, []
         if self.world == 1:
             self.manifest["shards"].append(entry)
