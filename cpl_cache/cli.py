@@ -21,6 +21,8 @@ from typing import Annotated, Any
 import typer
 
 from cpl_cache.errors import UserError
+from cpl_cache.runtime import check_seed, quiet_transformers_bars
+from cpl_cache.synth.models import PretrainConfig  # torch-free: its default step count is in --help
 
 app = typer.Typer(
     help="Weak-to-strong generalization for CLIP from a feature cache (class prototype learning).",
@@ -106,6 +108,7 @@ def synth_cache_cmd(
     """Write a planted feature cache in schema 1 (no images): for benchmarks and tests of stage two."""
     from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
 
+    check_seed(seed)
     cfg = PlantedConfig(
         domain=domain,
         n_train=train,
@@ -136,19 +139,21 @@ def synth_cmd(
     per_class: Annotated[int, typer.Option(help="Images per class in each domain.")] = 12,
     seed: Annotated[int, typer.Option(help="Seed of images, label order and weights.")] = 0,
     pretrain_steps: Annotated[
-        int | None,
+        int,
         typer.Option(help="Steps of contrastive pretraining of the tiny CLIP (0: random weights)."),
-    ] = None,
+    ] = PretrainConfig.steps,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress: the images, then the CLIP's pretraining steps.")
+    ] = True,
 ) -> None:
     """Write a small DomainNet-layout image set and tiny CLIP and ResNet checkpoints, offline.
 
-    The CLIP is pretrained for a few seconds on synthetic image-caption pairs of its own, so that
+    The CLIP is pretrained for a minute or two on synthetic image-caption pairs of its own, so that
     zero-shot works above chance; `--pretrain-steps 0` keeps its random weights.
     """
     from dataclasses import replace
 
     from cpl_cache.synth.images import ImageSetConfig, synthesize
-    from cpl_cache.synth.models import PretrainConfig
 
     if classes < 2 or per_class < 2:
         raise UserError(
@@ -156,11 +161,13 @@ def synth_cmd(
         )
     if any(out.joinpath(name).exists() for name in ("domainnet", "models")):
         raise UserError(f"{out} already holds synthetic data; pick an empty folder or remove it first")
-    if pretrain_steps is not None and pretrain_steps < 0:
+    if pretrain_steps < 0:
         raise UserError(f"--pretrain-steps must be 0 or more, got {pretrain_steps}")
-    pretrain = PretrainConfig() if pretrain_steps is None else replace(PretrainConfig(), steps=pretrain_steps)
+    check_seed(seed)
+    quiet_transformers_bars(progress)
+    pretrain = replace(PretrainConfig(), steps=pretrain_steps)
     images = ImageSetConfig(classes=classes, per_class=per_class, seed=seed)
-    made = synthesize(out, images, pretrain if pretrain.steps else None)
+    made = synthesize(out, images, pretrain if pretrain.steps else None, progress=progress)
     n = sum(c["train"] + c["test"] for c in made["counts"].values())
     typer.echo(
         f"wrote {n} images of {classes} classes in {len(made['counts'])} domains under {made['root']}; "
@@ -200,7 +207,7 @@ FollowSymlinksOpt = Annotated[
 @command("extract")
 def extract_cmd(
     domain: DomainOpt,
-    data_root: Annotated[Path, typer.Option("--data-root", help="DomainNet folder: DOMAIN/ and its lists.")],
+    data_root: Annotated[Path, typer.Option("--data-root", help="Dataset root (see --dataset).")],
     weak: Annotated[str, typer.Option("--weak", help="Weak checkpoint for this domain: folder or model id.")],
     cache_dir: CacheDir,
     strong: Annotated[
@@ -230,7 +237,9 @@ def extract_cmd(
             "only decode), auto: device on CUDA.",
         ),
     ] = ResizeOn.auto,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start this domain over.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="Start this domain over.")
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     follow_symlinks: FollowSymlinksOpt = False,
 ) -> None:
@@ -240,6 +249,7 @@ def extract_cmd(
     """
     from cpl_cache.extract import ExtractConfig, run_extract
 
+    quiet_transformers_bars(progress)
     cfg = ExtractConfig(
         domain=domain,
         data_root=data_root,
@@ -301,6 +311,7 @@ def train_weak_cmd(
     """Fine-tune an image classifier on the hold split (ground truth) as the weak supervisor."""
     from cpl_cache.weak import WeakConfig, train_weak
 
+    check_seed(seed)
     cfg = WeakConfig(
         domain=domain, data_root=data_root, out=out, model=model, dataset=dataset, epochs=epochs, lr=lr,
         batch_size=batch_size, device=device, hold_frac=hold_frac, split_seed=split_seed, seed=seed,
@@ -384,6 +395,7 @@ def train_cmd(
     """
     from cpl_cache.train.trainer import TrainConfig, run_training
 
+    check_seed(seed)
     given = {"head": head, "loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size}
     overrides = {**{k: v for k, v in given.items() if v is not None}, **_settings(set_)}
     cfg = TrainConfig(
@@ -423,15 +435,9 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
         seeds = tuple(int(n) for n in names)
     except ValueError:
         raise UserError(f"--seeds {text!r} must be a comma list of integers, e.g. --seeds 0,1,2") from None
-    if any(s < 0 for s in seeds):
-        raise UserError(f"--seeds {text!r}: seeds are integers >= 0")
+    for s in seeds:
+        check_seed(s, "--seeds")
     return seeds
-
-
-class TableFormat(str, Enum):
-    markdown = "markdown"
-    csv = "csv"
-    json = "json"
 
 
 ResultsDir = Annotated[
@@ -453,6 +459,7 @@ def run_cmd(
     """Train every cell (domain x method x seed) of a grid from the cache; cells with results are skipped."""
     from cpl_cache.pipeline import PipelineConfig, run_pipeline
 
+    quiet_transformers_bars(progress)
     cfg = PipelineConfig(
         pipeline=pipeline, cache_dir=cache_dir, results=results, device=device,
         domains=_names(domains, "domains"), seeds=_seeds(seeds), methods=_names(methods, "methods"),
@@ -464,19 +471,26 @@ def run_cmd(
 @command("table")
 def table_cmd(
     results: ResultsDir = Path("results"),
-    format: Annotated[TableFormat, typer.Option("--format", help="Output format.")] = TableFormat.markdown,
+    format: Annotated[
+        str, typer.Option("--format", help="Output format: markdown, csv or json.")
+    ] = "markdown",
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:
-    """Table 2: accuracy per domain (mean ± std over seeds), the average, PGR; best weak-supervised marked."""
-    from cpl_cache.report import render_table
+    """Table 2: accuracy per domain (mean ± std over seeds), the average, PGR; best weak-supervised marked.
 
-    text = render_table(results, format.value)
+    Warnings (e.g. cells from a stale cache) go to stderr, so stdout holds the table alone.
+    """
+    from cpl_cache.report import render_table_and_warnings
+
+    text, warnings = render_table_and_warnings(results, format)
     if out is None:
         typer.echo(text, nl=False)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {out}")
+    for warning in warnings:
+        typer.echo(f"cpl-cache: warning: {warning}", err=True)
 
 
 @command("plot")
@@ -534,6 +548,7 @@ def reproduce_cmd(
     """Images to table: train-weak and extract where missing, then the grid, the table and the plots."""
     from cpl_cache.reproduce import ReproduceConfig, reproduce
 
+    quiet_transformers_bars(True)  # off where stderr is no terminal
     cfg = ReproduceConfig(
         pipeline=pipeline, data_root=data_root, strong=strong, weak_model=weak_model, weak_dir=weak_dir,
         cache_dir=cache_dir, results=results, dataset=dataset, device=device, seeds=_seeds(seeds),
@@ -562,13 +577,18 @@ def demo_cmd(
     # Every network here is tiny: one thread is as fast as several on an idle CPU, and many times
     # faster on a busy one, where threads of small ops wait on each other.
     torch.set_num_threads(1)
+    quiet_transformers_bars(True)  # off where stderr is no terminal
     load_grid(pipeline)  # a bad grid fails before minutes of synthesis, not after
     if not (out / "models" / "resnet-tiny" / "preprocessor_config.json").is_file():  # synth's last file
         from cpl_cache.synth.images import ImageSetConfig, synthesize
-        from cpl_cache.synth.models import PretrainConfig
 
         typer.echo("demo: synthetic images and a tiny CLIP pretrained on images of its own ...", err=True)
-        synthesize(out, ImageSetConfig(classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS), PretrainConfig())
+        synthesize(
+            out,
+            ImageSetConfig(classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS),
+            PretrainConfig(),
+            progress=True,
+        )
     cfg = ReproduceConfig(
         pipeline=pipeline, data_root=out / "domainnet", strong=str(out / "models" / "clip-tiny"),
         weak_model=str(out / "models" / "resnet-tiny"), weak_dir=out / "weak", cache_dir=out / "cache",
@@ -581,3 +601,13 @@ def demo_cmd(
         f"demo: synthetic images and tiny models, not DomainNet; table {res['table_path']}, "
         f"plots {', '.join(map(str, res['plots'])) or 'none'} ({res['seconds']:.0f} s)"
     )
+
+
+# `cpl-cache --help` lists the commands in the order a user meets them, not the order of this file.
+COMMAND_ORDER = (
+    "synth", "train-weak", "extract", "info", "methods", "train", "run", "table", "plot", "reproduce", "demo",
+    "synth-cache",
+)  # fmt: skip
+app.registered_commands.sort(
+    key=lambda c: COMMAND_ORDER.index(c.name) if c.name in COMMAND_ORDER else len(COMMAND_ORDER)
+)

@@ -32,6 +32,7 @@ from typing import Any
 from cpl_cache.cache import manifest_identity, read_manifest
 from cpl_cache.datasets import DATASETS
 from cpl_cache.errors import UserError
+from cpl_cache.runtime import check_seed
 
 
 def grid_keys() -> list[str]:
@@ -116,6 +117,8 @@ def _seed_list(raw: Any, where: str) -> tuple[int, ...]:
     ok = isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw)
     if not ok or any(x < 0 for x in raw):
         raise UserError(f"{where}: `seeds` must be a non-empty list of integers >= 0, e.g. seeds = [0, 1, 2]")
+    for x in raw:
+        check_seed(x, f"{where}: seed")
     if len(set(raw)) != len(raw):
         raise UserError(f"{where}: `seeds` lists a seed twice ({raw})")
     return tuple(raw)
@@ -352,10 +355,8 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     """Run every cell of the grid that has no up-to-date result; return what was done.
 
     Each domain's cache is loaded once, and its missing cells train stacked (see cpl_cache.train.trainer)."""
-    from tqdm.auto import tqdm
-
     from cpl_cache.cache import domain_dir, load_domain
-    from cpl_cache.runtime import resolve_device
+    from cpl_cache.runtime import progress, resolve_device
 
     start = time.perf_counter()
     cells = plan(cfg)
@@ -377,7 +378,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     if summary.skipped < summary.cells:
         trainer = _trainer()
         device = resolve_device(cfg.device)  # once, so a bad --device fails before any training
-        bar = tqdm(total=summary.cells, initial=summary.skipped, unit="cell", disable=not cfg.progress)
+        bar = progress(
+            total=summary.cells, initial=summary.skipped, unit="cell", desc="run", disable=not cfg.progress
+        )
         try:
             for note in notes:
                 bar.write(note, file=sys.stderr)

@@ -4,6 +4,10 @@ The table is computed once (`build_table`, a JSON-ready dict) and rendered as ma
 Rows: the weak model, zero-shot CLIP, the weak-supervised baselines, CPL, the strong ceiling; any other
 method in the results joins in a sensible place. PGR = (acc - weak) / (ceiling - weak) per domain and
 seed, from the weak and ceiling runs of the same seed.
+
+A run whose results carry `flags` (training saw it diverge or collapse: "non-finite loss", ...) marks
+its cells with a trailing `!`, and a footnote lists each flagged run; CSV has a `flags` column. Warnings
+about the table as a whole (cells from a stale cache, ...) are returned apart from it, for stderr.
 """
 
 from __future__ import annotations
@@ -121,7 +125,20 @@ def _check_record(rec: Any, path: Path) -> dict[str, Any]:
     acc = (rec.get("metrics") or {}).get("test_acc") if isinstance(rec.get("metrics"), dict) else None
     if not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
         raise UserError(f"{path} has no metrics.test_acc in [0, 1]; {fix}")
+    flags = rec.get("flags")
+    if flags is not None and (not isinstance(flags, list) or not all(isinstance(f, str) for f in flags)):
+        raise UserError(f"{path} has `flags` that are not a list of strings; {fix}")
     return rec
+
+
+def run_flags(rec: dict[str, Any]) -> list[str]:
+    """What training flagged about a run ("non-finite loss", ...); empty for a healthy run."""
+    return [f for f in rec.get("flags") or [] if f.strip()]
+
+
+def run_label(domain: str, method: str, seed: int) -> str:
+    """How the table names one run: `clipart/cpl-seed1`, as its results file is named."""
+    return f"{domain}/{method}-seed{seed}"
 
 
 def load_results(results_dir: Path | str) -> list[dict[str, Any]]:
@@ -195,8 +212,12 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
     """The table as a JSON-ready dict: accuracy (%) per method and domain over seeds, Avg, PGR, best marks."""
     acc: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     caches: dict[str, set[str]] = defaultdict(set)
+    flagged: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)  # (method, domain) -> runs
     for rec in records:
         acc[rec["method"]][rec["domain"]][rec["seed"]] = 100.0 * float(rec["metrics"]["test_acc"])
+        if run_flags(rec):
+            run = {"domain": rec["domain"], "method": rec["method"], "seed": rec["seed"]}
+            flagged[rec["method"], rec["domain"]].append({**run, "flags": run_flags(rec)})
         fp = (rec.get("cache") or {}).get("fingerprint") if isinstance(rec.get("cache"), dict) else None
         caches[rec["domain"]].add(str(fp))
     if not acc:
@@ -210,6 +231,10 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
     rows = []
     for m in methods:
         cells: dict[str, Any] = {d: (_stat(acc[m][d]) if acc[m].get(d) else None) for d in domains}
+        for d in domains:
+            if cells[d] is not None:
+                cells[d]["flagged"] = sorted(flagged.get((m, d), []), key=lambda run: run["seed"])
+        row_flagged = [run for d in domains if cells[d] is not None for run in cells[d]["flagged"]]
         avg = None
         if all(cells[d] is not None for d in domains):
             seed_sets = {tuple(cells[d]["seeds"]) for d in domains}
@@ -218,6 +243,7 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
                 "std": None,
                 "n": min(cells[d]["n"] for d in domains),
                 "seeds": sorted(set.intersection(*(set(cells[d]["seeds"]) for d in domains))),
+                "flagged": row_flagged,
             }
             if len(seed_sets) == 1 and avg["n"] > 1:
                 per_seed = [statistics.fmean(acc[m][d][s] for d in domains) for s in avg["seeds"]]
@@ -231,7 +257,10 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
             }
             defined = [v for v in pgr.values() if v is not None]
             pgr["avg"] = statistics.fmean(defined) if defined else None
-        row = {"method": m, "label": method_label(m), "kind": method_kind(m), "cells": cells, "pgr": pgr}
+        row = {
+            "method": m, "label": method_label(m), "kind": method_kind(m), "cells": cells, "pgr": pgr,
+            "flagged": row_flagged,
+        }  # fmt: skip
         rows.append({**row, "best": []})
 
     # Mark the best weak-supervised value of every column (ties all marked).
@@ -259,18 +288,31 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
     ]
     if any(c is not None and c["n"] < max_n for r in rows for k, c in r["cells"].items() if k != "avg"):
         notes.append("†: fewer seeds than other cells of the table.")
+    all_flagged = [run for r in rows for run in r["flagged"]]
+    all_flagged.sort(key=lambda run: (domain_order(run["domain"]), method_order(run["method"]), run["seed"]))
+    if all_flagged:
+        notes.append(
+            "!: a run of the cell was flagged in training (diverged or collapsed), so its numbers are "
+            "suspect; the flagged runs:"
+        )
+        notes += [f"!  {_flagged_line(run)}" for run in all_flagged]
+    # About the table as a whole, not part of it: the command prints these on stderr.
+    warnings = []
     mean = statistics.fmean
     below = [d for d in domains if weak_acc.get(d) and ceil_acc.get(d)]
     below = [d for d in below if mean(ceil_acc[d].values()) < mean(weak_acc[d].values())]
     if below:
-        notes.append(
-            f"Warning: the ceiling is below the weak model on {', '.join(below)}; PGR there means little."
-        )
+        warnings.append(f"the ceiling is below the weak model on {', '.join(below)}; PGR there means little")
     mixed = sorted(d for d, fps in caches.items() if len(fps) > 1)
     if mixed:
-        notes.append(
-            f"Warning: results of {', '.join(mixed)} come from more than one cache; "
-            "rerun `cpl-cache run` to recompute stale cells."
+        warnings.append(
+            f"results of {', '.join(mixed)} come from more than one cache; "
+            "rerun `cpl-cache run` to recompute stale cells"
+        )
+    if all_flagged:
+        warnings.append(
+            f"{len(all_flagged)} run(s) flagged in training (diverged or collapsed), marked ! in the table: "
+            + ", ".join(run_label(r["domain"], r["method"], r["seed"]) for r in all_flagged)
         )
     return {
         "metric": "top-1 test accuracy (%)",
@@ -280,8 +322,15 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
         "ceiling": ceiling,
         "has_pgr": any(r["pgr"] is not None and r["pgr"]["avg"] is not None for r in rows),
         "rows": rows,
+        "flagged": all_flagged,
         "notes": notes,
+        "warnings": warnings,
     }
+
+
+def _flagged_line(run: dict[str, Any]) -> str:
+    """`clipart/cpl-seed1: non-finite loss` (several flags joined by `; `)."""
+    return f"{run_label(run['domain'], run['method'], run['seed'])}: {'; '.join(run['flags'])}"
 
 
 def _fmt_cell(cell: dict[str, Any] | None, max_n: int, bold: bool, dagger: bool = True) -> str:
@@ -290,6 +339,8 @@ def _fmt_cell(cell: dict[str, Any] | None, max_n: int, bold: bool, dagger: bool 
     text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
     if dagger and cell["n"] < max_n:
         text += "†"
+    if cell.get("flagged"):
+        text += "!"
     return f"**{text}**" if bold else text
 
 
@@ -304,13 +355,15 @@ def to_markdown(table: dict[str, Any]) -> str:
         ]
         if table["has_pgr"]:
             p = r["pgr"]["avg"] if r["pgr"] else None
-            cells.append("—" if p is None else (f"**{p:.3f}**" if "pgr" in r["best"] else f"{p:.3f}"))
+            text = "—" if p is None else f"{p:.3f}" + ("!" if r["flagged"] else "")
+            cells.append(f"**{text}**" if p is not None and "pgr" in r["best"] else text)
         lines.append("| " + " | ".join([r["label"], *cells]) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(table["notes"]) + "\n"
 
 
 def to_csv(table: dict[str, Any]) -> str:
-    """One row per method: percent (PGR a fraction), empty where undefined; `best` names the columns."""
+    """One row per method: percent (PGR a fraction), empty where undefined; `best` names the columns,
+    `flags` lists the row's flagged runs (`clipart/cpl-seed1: non-finite loss`, joined by ` | `)."""
 
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.4f}"
@@ -319,7 +372,7 @@ def to_csv(table: dict[str, Any]) -> str:
     header = ["method", "label", "kind"]
     for c in cols:
         header += [c, f"{c}_std", f"{c}_n"]
-    header += ["pgr", "best"]
+    header += ["pgr", "best", "flags"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -329,18 +382,32 @@ def to_csv(table: dict[str, Any]) -> str:
             cell = r["cells"][c]
             row += [num(cell["mean"]), num(cell["std"]), str(cell["n"])] if cell else ["", "", ""]
         row += [num(r["pgr"]["avg"] if r["pgr"] else None), ";".join(r["best"])]
+        row.append(" | ".join(_flagged_line(run) for run in r["flagged"]))
         w.writerow(row)
     return buf.getvalue()
 
 
-def render_table(results_dir: Path | str, fmt: str = "markdown", *, ceiling: str = CEILING) -> str:
-    """Load the results folder and render the table as markdown, csv or json."""
+def render_table_and_warnings(
+    results_dir: Path | str, fmt: str = "markdown", *, ceiling: str = CEILING
+) -> tuple[str, list[str]]:
+    """Load the results folder and render the table as markdown, csv or json; with the warnings about
+    it (stale cells, flagged runs, ...), which the text leaves out in every format (for stderr)."""
     if fmt not in FORMATS:
-        raise UserError(f"unknown table format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"unknown table format {fmt!r}; use --format {', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+        )
     table = build_table(load_results(results_dir), ceiling=ceiling)
     if fmt == "json":
-        return json.dumps(table, indent=1, ensure_ascii=False) + "\n"
-    return to_csv(table) if fmt == "csv" else to_markdown(table)
+        shown = {k: v for k, v in table.items() if k != "warnings"}
+        text = json.dumps(shown, indent=1, ensure_ascii=False) + "\n"
+    else:
+        text = to_csv(table) if fmt == "csv" else to_markdown(table)
+    return text, list(table["warnings"])
+
+
+def render_table(results_dir: Path | str, fmt: str = "markdown", *, ceiling: str = CEILING) -> str:
+    """Load the results folder and render the table as markdown, csv or json (without the warnings)."""
+    return render_table_and_warnings(results_dir, fmt, ceiling=ceiling)[0]
 
 
 # ------------------------------------------------------------------------------------ the plot

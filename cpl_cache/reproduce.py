@@ -111,7 +111,7 @@ def _extract(cfg: ReproduceConfig, domain: str, weak: Path) -> None:
 def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     """Run what is missing and return {table, table_path, plots, did} (what each step did)."""
     from cpl_cache.pipeline import PipelineConfig, load_grid, plan, run_pipeline
-    from cpl_cache.report import plot_curves, render_table
+    from cpl_cache.report import plot_curves, render_table_and_warnings
 
     t0 = time.perf_counter()
     grid = load_grid(cfg.pipeline)
@@ -142,7 +142,9 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     did["cells"] = summary.ran
     _say(f"cpl-cache: {summary.line()}")
 
-    table = render_table(cfg.results, "markdown")
+    table, warnings = render_table_and_warnings(cfg.results, "markdown")
+    for warning in warnings:
+        _say(f"cpl-cache: warning: {warning}")
     table_path = Path(cfg.results) / f"{Path(cfg.pipeline).stem}.md"
     table_path.write_text(table, encoding="utf-8")
     plots = []

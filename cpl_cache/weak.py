@@ -17,6 +17,7 @@ import math
 import os
 import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cpl_cache.checkpoint import weights_error
 from cpl_cache.datasets import ImageList, check_files, load_dataset, load_rgb
 from cpl_cache.errors import UserError
 from cpl_cache.runtime import quiet_transformers
@@ -148,22 +150,31 @@ def load_classifier(name: str, classes: tuple[str, ...]) -> tuple[Any, Any]:
             ignore_mismatched_sizes=True,
         )
         processor = AutoImageProcessor.from_pretrained(source)
-    except OSError as err:
-        if not local.exists() and hub_offline():
+    except Exception as err:
+        # Weights that do not deserialize (a damaged file, a pickle that is not weights-only) fail
+        # inside safetensors or torch.load with many lines of advice: say it in one.
+        unreadable = weights_error(
+            "--model", source, err, "pass a checkpoint folder written by save_pretrained, or a hub id"
+        )
+        if unreadable is not None:
+            raise unreadable from None
+        if isinstance(err, OSError):
+            if not local.exists() and hub_offline():
+                raise UserError(
+                    f"model {name!r} is not on disk and the hub is offline; pass a local path to --model"
+                ) from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(
-                f"model {name!r} is not on disk and the hub is offline; pass a local path to --model"
+                f"could not load model {name!r} ({first}); pass an image-classification checkpoint "
+                "folder or hub id"
             ) from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"could not load model {name!r} ({first}); pass an image-classification checkpoint "
-            "folder or hub id"
-        ) from None
-    except (ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{name!r} is not an image classifier transformers can load ({first[:160]}); "
-            "pass an AutoModelForImageClassification checkpoint such as microsoft/resnet-18"
-        ) from None
+        if isinstance(err, (ValueError, KeyError)):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"{name!r} is not an image classifier transformers can load ({first[:160]}); "
+                "pass an AutoModelForImageClassification checkpoint such as microsoft/resnet-18"
+            ) from None
+        raise
     old = [getattr(base, "id2label", {}).get(i) for i in range(getattr(base, "num_labels", 0))]
     if old != list(classes) and len(old) == len(classes):
         # Same class count, other classes: from_pretrained kept the old head; it must start afresh.
@@ -325,10 +336,9 @@ def train_weak(cfg: WeakConfig) -> dict[str, Any]:
     """Fine-tune `cfg.model` on the hold split, score it on test each epoch, save it under `cfg.out`."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from cpl_cache.runtime import resolve_device, seed_everything
+    from cpl_cache.runtime import progress, quiet_transformers_bars, resolve_device, seed_everything
 
     for name, value, lo in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1)):
         if value < lo:
@@ -350,6 +360,7 @@ def train_weak(cfg: WeakConfig) -> dict[str, Any]:
     check_files(images, rows=np.concatenate([hold, test]), follow_symlinks=cfg.follow_symlinks)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    quiet_transformers_bars(cfg.progress)  # its "Loading weights" bar, where ours are off or logged
     model, processor = load_classifier(cfg.model, images.classes)
     model.to(device)
     if device.startswith("cuda"):
@@ -371,7 +382,9 @@ def train_weak(cfg: WeakConfig) -> dict[str, Any]:
         model.train()
         train_ds.epoch = epoch  # workers are re-created each epoch and copy this value
         loss_sum = correct = seen = 0.0
-        bar = tqdm(train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        bar = progress(
+            train_dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False
+        )
         for x, y, row, ok in bar:
             bad.update(row[~ok].tolist())
             if not ok.any():
@@ -399,9 +412,10 @@ def train_weak(cfg: WeakConfig) -> dict[str, Any]:
             }
         )
         if cfg.progress:
-            tqdm.write(
+            bar.write(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['train_loss']:.3f}, "
-                f"hold acc {history[-1]['hold_acc']:.3f}, test acc {test_acc:.3f}"
+                f"hold acc {history[-1]['hold_acc']:.3f}, test acc {test_acc:.3f}",
+                file=sys.stderr,
             )
     if bad and len(bad) >= len(hold) + len(test):
         raise UserError(f"none of the {len(bad)} hold and test images of {cfg.domain} could be decoded")

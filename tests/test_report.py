@@ -47,13 +47,18 @@ W2S = ["naive-lp", "auxconf-lp", "mine", "cpl", "cpl+epochs=5"]
 DOMAINS = ["clipart", "quickdraw", "office"]
 
 
-def write_record(root: Path, method: str, domain: str, seed: int, acc: float, curve=None) -> Path:
+def write_record(
+    root: Path, method: str, domain: str, seed: int, acc: float, curve=None, *, flags=None, fingerprint=None
+) -> Path:
     rec = {
         "domain": domain, "method": method, "base_method": method.split("+")[0], "head": "proto",
         "loss": "kd",
         "seed": seed, "hparams": {}, "metrics": {"test_acc": acc, "weak_agreement": 0.5},
-        "curve": curve or [], "seconds": 0.1, "device": "cpu", "cache": {"fingerprint": f"fp-{domain}"},
+        "curve": curve or [], "seconds": 0.1, "device": "cpu",
+        "cache": {"fingerprint": fingerprint or f"fp-{domain}"},
     }  # fmt: skip
+    if flags is not None:
+        rec["flags"] = flags
     path = root / domain / f"{method}-seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
@@ -233,6 +238,119 @@ def test_table_command_formats(results: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0 and out.read_text() == render_table(results, "csv")
     res = runner.invoke(app, ["table", "--results", str(results), "--format", "latex"])
     assert res.exit_code == 2
+
+
+@pytest.mark.parametrize("fmt", ["xml", "latex", "Markdown"])
+def test_an_unknown_format_is_refused_in_one_line(results: Path, fmt: str) -> None:
+    res = CliRunner().invoke(app, ["table", "--results", str(results), "--format", fmt])
+    assert res.exit_code == 2 and res.stdout == ""
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "╭" not in res.output, res.output
+    assert lines[0] == f"cpl-cache: error: unknown table format {fmt!r}; use --format markdown, csv or json"
+
+
+# ------------------------------------------------------------------------------------ flagged runs
+
+
+@pytest.fixture
+def flagged(tmp_path: Path) -> Path:
+    """Healthy runs but two: cpl seed 1 on clipart lost its loss, kd-lp seed 0 on real collapsed."""
+    root = tmp_path / "flagged"
+    collapsed = "collapsed: one class takes 97% of test predictions"
+    for domain in ("clipart", "real"):
+        for seed in (0, 1):
+            write_record(root, "weak", domain, seed, 0.40)
+            write_record(root, "ceiling", domain, seed, 0.80, flags=[])  # empty: healthy
+            bad = domain == "clipart" and seed == 1
+            write_record(root, "cpl", domain, seed, 0.60, flags=["non-finite loss"] if bad else None)
+            bad = domain == "real" and seed == 0
+            write_record(
+                root, "kd-lp", domain, seed, 0.50, flags=[collapsed, "non-finite loss"] if bad else []
+            )
+    return root
+
+
+def test_flagged_runs_mark_their_cells_and_are_listed_under_the_markdown_table(flagged: Path) -> None:
+    md = render_table(flagged, "markdown")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| Method")}  # fmt: skip
+    # clipart, real, Avg, PGR
+    assert rows["CPL"] == ["**60.00 ± 0.00!**", "**60.00 ± 0.00**", "**60.00 ± 0.00!**", "**0.500!** |"]
+    assert rows["KD+LP"] == ["50.00 ± 0.00", "50.00 ± 0.00!", "50.00 ± 0.00!", "0.250! |"]
+    for healthy in ("Weak", "Strong ceiling"):
+        assert not any("!" in cell for cell in rows[healthy])
+    notes = md.split("\n\n", 1)[1].splitlines()
+    listed = notes[notes.index(next(n for n in notes if n.startswith("!: "))) + 1 :]
+    assert listed == [
+        "!  clipart/cpl-seed1: non-finite loss",
+        "!  real/kd-lp-seed0: collapsed: one class takes 97% of test predictions; non-finite loss",
+    ]
+
+
+def test_flagged_runs_have_a_flags_column_in_csv_and_a_list_in_json(flagged: Path) -> None:
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(render_table(flagged, "csv")))}
+    assert rows["cpl"]["flags"] == "clipart/cpl-seed1: non-finite loss"
+    assert rows["kd-lp"]["flags"] == (
+        "real/kd-lp-seed0: collapsed: one class takes 97% of test predictions; non-finite loss"
+    )
+    assert rows["weak"]["flags"] == rows["ceiling"]["flags"] == ""
+    assert float(rows["cpl"]["clipart"]) == pytest.approx(60.0)  # the numbers stay numbers
+
+    table = json.loads(render_table(flagged, "json"))
+    assert [(r["domain"], r["method"], r["seed"]) for r in table["flagged"]] == [
+        ("clipart", "cpl", 1), ("real", "kd-lp", 0),
+    ]  # fmt: skip
+    cpl = next(r for r in table["rows"] if r["method"] == "cpl")
+    assert [run["seed"] for run in cpl["cells"]["clipart"]["flagged"]] == [1]
+    assert cpl["cells"]["real"]["flagged"] == []
+
+
+def test_a_healthy_table_has_no_marks(results: Path) -> None:
+    md = render_table(results, "markdown")
+    assert "!" not in md
+    assert {r["flags"] for r in csv.DictReader(io.StringIO(render_table(results, "csv")))} == {""}
+
+
+def test_flags_that_are_not_a_list_of_strings_are_refused(tmp_path: Path) -> None:
+    for bad in ("non-finite loss", [1], {"loss": "nan"}):
+        path = write_record(tmp_path / "r", "cpl", "real", 0, 0.5, flags=bad)
+        with pytest.raises(UserError, match=f"{re.escape(str(path))} has `flags`"):
+            load_results(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------ warnings
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "csv", "json"])
+def test_warnings_go_to_stderr_and_stdout_is_the_table_alone(results: Path, tmp_path: Path, fmt: str) -> None:
+    write_record(results, "cpl", "clipart", 0, 0.58, fingerprint="fp-older-cache")  # one stale cell
+    res = CliRunner().invoke(app, ["table", "--results", str(results), "--format", fmt])
+    assert res.exit_code == 0, res.output
+    assert "more than one cache" not in res.stdout and "Warning" not in res.stdout
+    assert res.stderr.splitlines() == [
+        "cpl-cache: warning: results of clipart come from more than one cache; "
+        "rerun `cpl-cache run` to recompute stale cells"
+    ]
+    if fmt == "csv":
+        assert [r["method"] for r in csv.DictReader(io.StringIO(res.stdout))] == ORDER
+    elif fmt == "json":
+        assert "warnings" not in json.loads(res.stdout)
+    else:
+        assert res.stdout == render_table(results, "markdown")
+
+    out = tmp_path / "t.md"
+    res = CliRunner().invoke(app, ["table", "--results", str(results), "--format", fmt, "--out", str(out)])
+    assert res.stdout == f"wrote {out}\n" and "more than one cache" in res.stderr
+    assert "more than one cache" not in out.read_text()
+
+
+def test_flagged_runs_are_also_named_on_stderr(flagged: Path) -> None:
+    res = CliRunner().invoke(app, ["table", "--results", str(flagged), "--format", "csv"])
+    assert res.exit_code == 0
+    assert res.stderr == (
+        "cpl-cache: warning: 2 run(s) flagged in training (diverged or collapsed), marked ! in the table: "
+        "clipart/cpl-seed1, real/kd-lp-seed0\n"
+    )
 
 
 # ------------------------------------------------------------------------------------ the plot

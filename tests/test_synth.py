@@ -217,3 +217,17 @@ def test_checkpoints_load_by_path_offline_and_run(synth_dir):
     with torch.no_grad():
         logits = weak(**proc(images=pics, return_tensors="pt")).logits
     assert logits.shape == (3, SYNTH_CLASSES)
+
+
+def test_synth_shows_its_progress_and_logs_one_line_per_stage(tmp_path):
+    args = ["--classes", "2", "--per-class", "2", "--pretrain-steps", "5"]
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "s"), *args])  # stderr is no terminal: no bar
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("wrote 24 images of 2 classes") and len(res.stdout.splitlines()) == 1
+    lines = res.stderr.splitlines()
+    assert "\r" not in res.stderr and len(lines) == 2, res.stderr
+    assert re.fullmatch(r"synth images: 24/24 img in \d+\.\ds", lines[0])
+    assert re.fullmatch(r"pretrain tiny CLIP: 5/5 step in \d+\.\ds \(loss=\d+\.\d{3}\)", lines[1])
+
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "q"), *args, "--no-progress"])
+    assert res.exit_code == 0 and res.stderr == "", res.output

@@ -103,10 +103,19 @@ def check_weak_classes(config: Any, classes: tuple[str, ...], weak: str, domain:
 
 
 def _load(kind: str, cls: Any, id_or_path: str) -> Any:
+    from cpl_cache.checkpoint import weights_error
+
     try:
         return cls.from_pretrained(id_or_path).eval()
-    except (OSError, ValueError) as err:
-        raise _load_failed(kind, id_or_path, err, _HINTS[kind]) from None
+    except Exception as err:
+        # Weights that do not deserialize (a damaged file, a pickle that is not weights-only) fail
+        # inside safetensors or torch.load with many lines of advice: say it in one.
+        unreadable = weights_error(f"the {kind} checkpoint", id_or_path, err, _HINTS[kind])
+        if unreadable is not None:
+            raise unreadable from None
+        if isinstance(err, (OSError, ValueError)):
+            raise _load_failed(kind, id_or_path, err, _HINTS[kind]) from None
+        raise
 
 
 def _pooled(out: Any) -> Any:

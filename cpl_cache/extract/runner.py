@@ -245,10 +245,10 @@ def _run(cfg: ExtractConfig, dist: Dist, held: contextlib.ExitStack) -> dict[str
     rows_done = rows_new = 0  # rows decoded (skipped ones too), rows written
     bar = None
     if cfg.progress and dist.rank == 0:
-        from tqdm import tqdm
+        from cpl_cache.runtime import progress
 
         desc = f"extract {cfg.domain}" + (f" (rank 0 of {dist.world})" if dist.world > 1 else "")
-        bar = tqdm(total=n_todo, desc=desc, unit="img", unit_scale=True, smoothing=0.1, file=sys.stderr)
+        bar = progress(total=n_todo, desc=desc, unit="img", unit_scale=True, smoothing=0.1, file=sys.stderr)
     t_loop = time.perf_counter()
     timeline: list[tuple[float, int]] = []  # (seconds into the loop, rows done) after each batch
     try:

@@ -222,14 +222,20 @@ def _encode(im, domain: str, trap: str | None) -> bytes:
     return buf.getvalue()
 
 
-def write_images(root: Path, cfg: ImageSetConfig) -> dict[str, dict[str, int]]:
-    """Write images and split lists under `root` (the DomainNet data root); return counts per domain."""
+def write_images(root: Path, cfg: ImageSetConfig, *, progress: bool = False) -> dict[str, dict[str, int]]:
+    """Write images and split lists under `root` (the DomainNet data root); return counts per domain.
+    `progress` shows a bar over the images."""
+    from cpl_cache.runtime import progress as progress_bar
+
     root = Path(root)
     names = label_order(class_names(cfg.classes), cfg.seed)
     k = len(names)
     n_test = max(1, min(cfg.per_class - 1, round(cfg.per_class * cfg.test_frac))) if cfg.per_class > 1 else 0
     traps = {"sketch": "gray", "painting": "cmyk", "quickdraw": "palette"}
     counts = {}
+    bar = progress_bar(
+        total=len(cfg.domains) * k * cfg.per_class, desc="synth images", unit="img", disable=not progress
+    )
     for domain in cfg.domains:
         dom_idx = DOMAINS.index(domain)
         train_lines, test_lines = [], []
@@ -248,6 +254,7 @@ def write_images(root: Path, cfg: ImageSetConfig) -> dict[str, dict[str, int]]:
                 # painting's train list has no image of the last class, as in DomainNet (class 327).
                 to_test = i < n_test or (domain == "painting" and label == k - 1 and k > 1)
                 (test_lines if to_test else train_lines).append(line)
+                bar.update(1)
         # DomainNet's lists are not grouped by label; interleave them deterministically.
         order = np.random.default_rng([cfg.seed, dom_idx, 99])
         train_lines = [train_lines[j] for j in order.permutation(len(train_lines))]
@@ -255,20 +262,23 @@ def write_images(root: Path, cfg: ImageSetConfig) -> dict[str, dict[str, int]]:
         (root / f"{domain}_train.txt").write_text("".join(train_lines), encoding="utf-8")
         (root / f"{domain}_test.txt").write_text("".join(test_lines), encoding="utf-8")
         counts[domain] = {"train": len(train_lines), "test": len(test_lines)}
+    bar.close()
     return counts
 
 
-def synthesize(out: Path, cfg: ImageSetConfig, pretrain: PretrainConfig | None = None) -> dict:
+def synthesize(
+    out: Path, cfg: ImageSetConfig, pretrain: PretrainConfig | None = None, *, progress: bool = False
+) -> dict:
     """`cpl-cache synth`: images and lists under out/domainnet, tiny checkpoints under out/models.
 
     With `pretrain` the CLIP is first trained contrastively on images of its own (so zero-shot and
     the strong ceiling mean something); without, it keeps its random weights (enough for tests that
-    only need a loadable CLIP).
+    only need a loadable CLIP). `progress` shows bars over the images and the pretraining steps.
     """
     from cpl_cache.synth.models import write_models
 
     out = Path(out)
-    counts = write_images(out / "domainnet", cfg)
+    counts = write_images(out / "domainnet", cfg, progress=progress)
     names = label_order(class_names(cfg.classes), cfg.seed)
-    paths = write_models(out / "models", names, seed=cfg.seed, pretrain=pretrain)
+    paths = write_models(out / "models", names, seed=cfg.seed, pretrain=pretrain, progress=progress)
     return {"root": out / "domainnet", "counts": counts, **paths}

@@ -57,11 +57,14 @@ def _byte_vocab() -> dict[str, int]:
     return vocab
 
 
-def pretrain_clip(model: Any, processor: Any, classes: list[str], cfg: PretrainConfig, seed: int) -> dict:
+def pretrain_clip(
+    model: Any, processor: Any, classes: list[str], cfg: PretrainConfig, seed: int, *, progress: bool = False
+) -> dict:
     """Train `model` in place with the symmetric CLIP loss on synthetic pairs; returns the last loss.
 
     Several images of a batch can share a caption, so each side's target spreads evenly over its
     positives. Runs on one CPU thread: the same seed then gives the same weights bit for bit.
+    `progress` shows a bar over the steps (the slow part of `cpl-cache synth`).
     """
     import math
 
@@ -69,6 +72,7 @@ def pretrain_clip(model: Any, processor: Any, classes: list[str], cfg: PretrainC
     import torch.nn.functional as F
 
     from cpl_cache.datasets import DOMAINS, prompt_for
+    from cpl_cache.runtime import progress as progress_bar
     from cpl_cache.synth.images import DOMAIN_WORDS, draw_pretraining
 
     threads = torch.get_num_threads()
@@ -98,7 +102,8 @@ def pretrain_clip(model: Any, processor: Any, classes: list[str], cfg: PretrainC
         warmup = max(1, round(cfg.warmup_frac * cfg.steps))
         model.train()
         loss = torch.zeros(())
-        for step in range(cfg.steps):
+        bar = progress_bar(range(cfg.steps), desc="pretrain tiny CLIP", unit="step", disable=not progress)
+        for step in bar:
             if step < warmup:  # linear warmup, then cosine to zero
                 scale = (step + 1) / warmup
             else:
@@ -123,6 +128,8 @@ def pretrain_clip(model: Any, processor: Any, classes: list[str], cfg: PretrainC
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(max=math.log(cfg.max_logit_scale))
+            if step % 20 == 0 or step == cfg.steps - 1:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         model.eval()
     finally:
         torch.set_num_threads(threads)
@@ -136,6 +143,7 @@ def write_clip(
     image_size: int = IMAGE_SIZE,
     classes: list[str] | None = None,
     pretrain: PretrainConfig | None = None,
+    progress: bool = False,
 ) -> Path:
     """A 2-layer CLIP (width 32, patch 8, projection 32) with its processor, under `out`; pretrained
     on `classes` when `pretrain` is given, else at its random initialisation."""
@@ -168,7 +176,7 @@ def write_clip(
     if pretrain is not None:
         if not classes:
             raise ValueError("pretraining needs the class names")
-        pretrain_clip(model, processor, classes, pretrain, seed)
+        pretrain_clip(model, processor, classes, pretrain, seed, progress=progress)
     with quiet_transformers():
         model.save_pretrained(out)
     return out
@@ -195,11 +203,19 @@ def write_resnet(out: Path, classes: list[str], *, seed: int = 0, image_size: in
 
 
 def write_models(
-    models_dir: Path, classes: list[str], *, seed: int = 0, pretrain: PretrainConfig | None = None
+    models_dir: Path,
+    classes: list[str],
+    *,
+    seed: int = 0,
+    pretrain: PretrainConfig | None = None,
+    progress: bool = False,
 ) -> dict[str, Path]:
-    """Both tiny checkpoints under `models_dir` (the CLIP pretrained when `pretrain` is given), by role."""
+    """Both tiny checkpoints under `models_dir` (the CLIP pretrained when `pretrain` is given), by role;
+    `progress` shows a bar over the pretraining steps."""
     models_dir = Path(models_dir)
     return {
-        "strong": write_clip(models_dir / CLIP_DIR, seed=seed, classes=classes, pretrain=pretrain),
+        "strong": write_clip(
+            models_dir / CLIP_DIR, seed=seed, classes=classes, pretrain=pretrain, progress=progress
+        ),
         "weak": write_resnet(models_dir / RESNET_DIR, classes, seed=seed),
     }

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpl_cache.errors import UserError
+from cpl_cache.runtime import check_seed
 from cpl_cache.train.heads import PROMPT_INIT, get_head
 from cpl_cache.train.losses import get_loss
 from cpl_cache.train.methods import HPARAMS, Method, get_method, resolve_hparams
@@ -77,8 +78,7 @@ class Cell:
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> Cell:
-        if not (isinstance(cfg.seed, int) and 0 <= cfg.seed <= 2**32 - 1):
-            raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {cfg.seed!r}")
+        check_seed(cfg.seed, "seed")
         method = get_method(cfg.method)
         hparams, changed = resolve_hparams(method, dict(cfg.overrides))
         order = [*HPARAMS, *hparams.get("loss_args", {})]
@@ -348,12 +348,6 @@ def train_cells(
     cells: Sequence[Cell], dt: DomainTensors, out: Path, done: Callable[[int], None] | None = None
 ) -> list[dict[str, Any]]:
     """Train every cell on one domain, stacked by `stack_key`, writing each record as its stack ends."""
-    from cpl_cache.cache import atomic_write_text
-
-    if dt.device == "cpu":
-        # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which
-        # x86 CPUs process tens of times slower; flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
     n = len(dt.train)
     for c in cells:
         if c.steps(1) and n == 0:
@@ -362,15 +356,32 @@ def train_cells(
     for c in cells:
         stacks.setdefault(stack_key(c, n), []).append(c)
     records = []
-    for stack in stacks.values():
-        for record in train_stack(stack, dt):
-            path = result_path(out, record["domain"], record["method"], record["seed"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(record, indent=1) + "\n")
-            records.append({**record, "path": str(path)})
-        if done is not None:
-            done(len(stack))
+    # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which x86
+    # CPUs process tens of times slower; flushing them to zero changes no result that matters. Only
+    # while training: the caller's floating-point mode is left as it was found (off, torch's default).
+    flush = dt.device == "cpu" and torch.set_flush_denormal(True)
+    try:
+        for stack in stacks.values():
+            records.extend(_write(train_stack(stack, dt), out))
+            if done is not None:
+                done(len(stack))
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     return records
+
+
+def _write(records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Write each record atomically to its results path; return them with `path` added."""
+    from cpl_cache.cache import atomic_write_text
+
+    written = []
+    for record in records:
+        path = result_path(out, record["domain"], record["method"], record["seed"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        written.append({**record, "path": str(path)})
+    return written
 
 
 def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = None) -> dict[str, Any]:
