@@ -87,7 +87,14 @@ def load_text_tower(strong_id: str, device: str | torch.device = "cpu") -> nn.Mo
             else:
                 raise ValueError(f"it is a {type(config).__name__}, not a CLIP model")
             tower = CLIPTextModelWithProjection.from_pretrained(strong_id, config=text_config)
-    except (OSError, ValueError) as err:
+    except Exception as err:
+        from cpl_cache.checkpoint import weights_error
+
+        unreadable = weights_error("the CLIP checkpoint", strong_id, err, "use a sound checkpoint")
+        if unreadable is not None:
+            raise unreadable from None
+        if not isinstance(err, (OSError, ValueError)):
+            raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"the prompt head needs the CLIP checkpoint the cache was extracted with ({strong_id!r}), "
