@@ -51,7 +51,7 @@ def test_the_kernel_builds_where_a_compiler_is():
 
 @needs_kernel
 @pytest.mark.parametrize("progress", [0.0, 0.05, 0.5, 1.0])
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(n for n, fn in LOSSES.items() if fn in LOGIT_GRADS))
 def test_kernel_equals_the_torch_form(name: str, progress: float):
     probs, top = table(300, 37, seed=1)
     g = torch.Generator().manual_seed(2 + round(100 * progress))
@@ -63,7 +63,7 @@ def test_kernel_equals_the_torch_form(name: str, progress: float):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["auxconf", "augconf", "adaptconf"])
+@pytest.mark.parametrize("name", ["auxconf-argmax", "augconf-argmax", "adaptconf"])
 def test_kernel_takes_the_first_of_tied_maxima(name: str):
     probs, top = table(50, 9, seed=3)
     s = 3 * torch.randn(12, 9, generator=torch.Generator().manual_seed(4))
@@ -85,7 +85,7 @@ def test_kernel_on_odd_sizes_and_any_thread_count(rows: int, classes: int):
     s = 5 * torch.randn(rows, classes, generator=torch.Generator().manual_seed(6))
     idx = torch.randperm(2 * rows + 1, generator=torch.Generator().manual_seed(7))[:rows]
     threads = torch.get_num_threads()
-    for name in sorted(LOSSES):
+    for name in sorted(n for n, fn in LOSSES.items() if fn in LOGIT_GRADS):
         got, want = both(name, s, probs, top, idx, 0.7)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-7)
         try:
