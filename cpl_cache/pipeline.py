@@ -254,6 +254,7 @@ class PipelineConfig:
     seeds: tuple[int, ...] | None = None
     methods: tuple[str, ...] | None = None
     progress: bool = True
+    select: bool = False  # choose each trained cell's step size on a held-out slice of train
 
 
 @dataclass
@@ -316,7 +317,7 @@ def plan(cfg: PipelineConfig) -> list[PlannedCell]:
     for domain, spec, seed in grid.cells():
         tcfg = trainer.TrainConfig(
             method=spec.method, domain=domain, cache_dir=Path(cfg.cache_dir), out=Path(cfg.results),
-            seed=seed, overrides=grid.settings(spec, registry), device=cfg.device,
+            seed=seed, overrides=grid.settings(spec, registry), device=cfg.device, select=cfg.select,
         )  # fmt: skip
         try:
             cell = trainer.resolve(tcfg)

@@ -1,14 +1,21 @@
 """Weak-to-strong losses: `LOSSES[name](student_logits, weak_logits, progress) -> scalar`.
 
 `student_logits` and `weak_logits` are (B, K); `progress` in [0, 1] is the fraction of training done
-(the confidence losses ramp with it). Definitions and defaults are those of PAPER.md "Baselines".
-A loss's keyword-only arguments are its constants, which the method registry declares and a run may
-override (`cpl-cache train --set tau=4`). Autograd differentiates them; adding a loss is one function
-and one line in `LOSSES`.
+(the confidence losses ramp with it). Definitions and defaults are those of PAPER.md "Baselines";
+keyword arguments are the constants, which a run may override (`cpl-cache train --set T=2`).
+
+`auxconf` and `augconf` harden the student's prediction class-balanced (`balanced_hard`, the multi-class
+form of openai/weak-to-strong's quantile threshold); their plain-argmax forms are registered as
+`auxconf-argmax` and `augconf-argmax`, and the references' own schedules as `auxconf-openai`,
+`augconf-staircase` and `adaptconf-ramp` (docs/losses.md). Every constant is a keyword-only argument
+with a default, which the method registry reads from the signature.
+
+Autograd differentiates every loss: adding one is one function and one line in `LOSSES`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -47,11 +54,125 @@ def kd(s: Tensor, w: Tensor, progress: float = 0.0, *, T: float = 1.0) -> Tensor
     return _kd_per_sample(s, w, T).mean()
 
 
+def balanced_counts(weak_probs: Tensor) -> Tensor:
+    """How many of a batch's B hardened labels each class receives: about B * mean_i softmax(w_i)_k.
+
+    The B rows, ranked by the student, stand at quantile levels i / (B - 1); the classes share [0, 1] in
+    the order K - 1, ..., 1, 0, each a slice as wide as its weak mean, and receive the levels in their
+    slice (class 0 the closed end). So class k >= 1 receives ceil(U_k (B - 1)) - ceil(U_{k+1} (B - 1)),
+    U_k = sum_{j >= k} mean_j, class 0 the rest: integers summing to B, each within 1 + mean_k of
+    B * mean_k. At K = 2 class 1 receives ceil(mean_1 (B - 1)) rows, as many as lie below openai's
+    torch.quantile(p_0, mean_1) threshold (computed in the same dtype, so the same integer).
+    """
+    n = len(weak_probs)
+    upper = weak_probs.mean(dim=0).flip(0).cumsum(0).flip(0)
+    edges = torch.ceil(upper * (n - 1)).long().clamp_(0, max(n - 1, 0))
+    edges[0] = n
+    return edges - torch.cat([edges[1:], edges.new_zeros(1)])
+
+
+@torch.no_grad()
+def _assign(probs: Tensor, counts: Tensor) -> Tensor:
+    """Greedy over (row, class) pairs in descending student probability, class k taking at most counts[k]
+    rows: computed as deferred acceptance (its unique outcome when scores are common to both sides), each
+    round vectorised. Free rows propose to their most probable class whose cut-off they beat; a class over
+    capacity keeps its best rows and raises its cut-off to the first one it turns away. A class never
+    splits rows of equal probability at its cut (it turns the tie away) and rows that every class turns
+    away (possible only through such ties) go to class 0: openai's `>=` at its threshold, exactly."""
+    b, k = probs.shape
+    cap = torch.cat([counts, counts.new_tensor([b])])  # class k: rows no class took, sent to class 0
+    cutoff = probs.new_full((k + 1,), -1.0)  # a class takes a row only with probability above it
+    assign = probs.argmax(dim=1)
+    position = torch.arange(b, device=probs.device)
+    while True:
+        score = probs.gather(1, assign.clamp(max=k - 1)[:, None]).squeeze(1)
+        order = torch.sort(score, descending=True, stable=True).indices
+        order = order[torch.sort(assign[order], stable=True).indices]  # by class, best first
+        cls = assign[order]
+        size = torch.bincount(cls, minlength=k + 1)
+        rank = position - (size.cumsum(0) - size)[cls]
+        cut = rank == cap[cls]
+        cutoff[cls[cut]] = score[order[cut]]
+        turned = order[score[order] <= cutoff[cls]]
+        if not len(turned):
+            break
+        rows = probs[turned]
+        best, choice = torch.where(rows > cutoff[:k], rows, -1.0).max(dim=1)
+        assign[turned] = torch.where(best >= 0, choice, k)
+    return assign.masked_fill_(assign == k, 0)
+
+
+def balanced_hard(s: Tensor, w: Tensor) -> Tensor:
+    """The student's class-balanced hard prediction (B,), detached: class k labels `balanced_counts` rows,
+    those the student finds most probable for it (`_assign`). At K = 2: the rows whose p_0 lies below
+    torch.quantile(p_0, mean softmax(w)_1) are class 1, as in openai/weak-to-strong's `logconf_loss_fn`."""
+    return _assign(F.softmax(s.detach(), dim=1), balanced_counts(F.softmax(w.detach(), dim=1)))
+
+
+def _self_mix(s: Tensor, w: Tensor, coef: float) -> Tensor:
+    """CE(s, (1 - coef) softmax(w) + coef onehot(balanced_hard(s, w)))."""
+    pw = F.softmax(w, dim=1)
+    target = pw
+    if coef != 0.0:  # at zero weight the target is softmax(w) exactly: skip the hardening
+        hard_s = _assign(F.softmax(s.detach(), dim=1), balanced_counts(pw.detach()))
+        target = (1.0 - coef) * pw + coef * F.one_hot(hard_s, s.shape[1]).to(pw.dtype)
+    return -(target * F.log_softmax(s, dim=1)).sum(dim=1).mean()
+
+
 def auxconf(
     s: Tensor, w: Tensor, progress: float = 0.0, *, alpha: float = 0.5, warmup: float = 0.1
 ) -> Tensor:
     """Auxiliary confidence loss (Burns et al. 2023), multi-class: CE to a mix of softmax(w) and the
-    student's own (detached) hard prediction, whose weight ramps to `alpha` over the first `warmup`."""
+    student's class-balanced hard prediction, whose weight ramps linearly to `alpha` over `warmup`."""
+    return _self_mix(s, w, _ramp(progress, alpha, warmup))
+
+
+def auxconf_openai(
+    s: Tensor, w: Tensor, progress: float = 0.0, *, alpha: float = 0.5, warmup: float = 0.1
+) -> Tensor:
+    """`auxconf` with openai/weak-to-strong's step warmup: weight alpha * progress up to `warmup`, then
+    alpha (a jump at `warmup`). At K = 2 it is their `logconf_loss_fn`."""
+    return _self_mix(s, w, alpha * (progress if progress <= warmup else 1.0))
+
+
+def _conf_mix(s: Tensor, w: Tensor, a: float, T: float) -> Tensor:
+    """(1 - a) kd + a CE(s, balanced_hard(s, w))."""
+    loss = (1.0 - a) * _kd_per_sample(s, w, T).mean()
+    if a != 0.0:
+        loss = loss + a * F.cross_entropy(s, balanced_hard(s, w))
+    return loss
+
+
+def augconf(
+    s: Tensor, w: Tensor, progress: float = 0.0, *, beta: float = 0.5, ramp: float = 0.3, T: float = 1.0
+) -> Tensor:
+    """Augmented confidence loss (Guo et al. 2024): (1 - a) kd + a CE(s, balanced_hard(s, w)), a ramping
+    linearly to `beta` over `ramp`. The counts come from softmax(w) at T = 1 whatever `T`."""
+    return _conf_mix(s, w, _ramp(progress, beta, ramp), T)
+
+
+def augconf_staircase(
+    s: Tensor,
+    w: Tensor,
+    progress: float = 0.0,
+    *,
+    beta: float = 0.5,
+    ramp: float = 0.3,
+    stairs: int = 10,
+    T: float = 1.0,
+) -> Tensor:
+    """`augconf` with ggjy/vision_weak_to_strong's per-epoch staircase, over E = `stairs` equal parts of
+    training (ggjy's epochs): at part e = floor(progress E), a = e / (E ramp) * beta while
+    e < int(E ramp), then beta."""
+    epoch, steps = math.floor(progress * stairs), int(stairs * ramp)
+    return _conf_mix(s, w, epoch / (stairs * ramp) * beta if epoch < steps else beta, T)
+
+
+def auxconf_argmax(
+    s: Tensor, w: Tensor, progress: float = 0.0, *, alpha: float = 0.5, warmup: float = 0.1
+) -> Tensor:
+    """`auxconf` hardened by plain argmax: CE to (1 - coef) softmax(w) + coef onehot(argmax s). Without
+    a ground-truth anchor it reinforces whichever class is winning (collapse; docs/losses.md)."""
     coef = _ramp(progress, alpha, warmup)
     log_ps = F.log_softmax(s, dim=1)
     own = F.one_hot(s.detach().argmax(dim=1), s.shape[1]).to(s.dtype)
@@ -59,10 +180,10 @@ def auxconf(
     return -(target * log_ps).sum(dim=1).mean()
 
 
-def augconf(
+def augconf_argmax(
     s: Tensor, w: Tensor, progress: float = 0.0, *, beta: float = 0.5, ramp: float = 0.3, T: float = 1.0
 ) -> Tensor:
-    """Augmented confidence loss (Guo et al. 2024): (1 - a) kd + a CE(s, argmax s), a ramping to `beta`."""
+    """`augconf` hardened by plain argmax: (1 - a) kd + a CE(s, argmax s)."""
     a = _ramp(progress, beta, ramp)
     self_ce = F.cross_entropy(s, s.detach().argmax(dim=1))
     return (1.0 - a) * _kd_per_sample(s, w, T).mean() + a * self_ce
@@ -75,10 +196,23 @@ def adaptconf(s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, 
 
     u / (u + v) is computed as sigmoid((CE_s - CE_w) / tau), equal and free of overflow.
     """
+    return _adaptive(s, w, tau, T, 1.0)
+
+
+def adaptconf_ramp(
+    s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, T: float = 1.0, ramp: float = 0.25
+) -> Tensor:
+    """`adaptconf` as ggjy/vision_weak_to_strong's few-shot trainer runs it: the per-row weight a is also
+    ramped by min(1, progress / ramp)."""
+    return _adaptive(s, w, tau, T, _ramp(progress, 1.0, ramp))
+
+
+def _adaptive(s: Tensor, w: Tensor, tau: float, T: float, scale: float) -> Tensor:
+    """mean((1 - a) kd + a CE(s, argmax s)) with a = scale * sigmoid((CE_s - CE_w) / tau), detached."""
     log_ps = F.log_softmax(s, dim=1)
     ce_self = -log_ps.gather(1, s.detach().argmax(dim=1, keepdim=True)).squeeze(1)
     ce_weak = -log_ps.gather(1, w.argmax(dim=1, keepdim=True)).squeeze(1)
-    a = torch.sigmoid((ce_self - ce_weak).detach() / tau)
+    a = scale * torch.sigmoid((ce_self - ce_weak).detach() / tau)
     return ((1.0 - a) * _kd_per_sample(s, w, T) + a * ce_self).mean()
 
 
@@ -89,6 +223,11 @@ LOSSES: dict[str, Loss] = {
     "auxconf": auxconf,
     "augconf": augconf,
     "adaptconf": adaptconf,
+    "auxconf-argmax": auxconf_argmax,
+    "augconf-argmax": augconf_argmax,
+    "auxconf-openai": auxconf_openai,
+    "augconf-staircase": augconf_staircase,
+    "adaptconf-ramp": adaptconf_ramp,
 }
 
 

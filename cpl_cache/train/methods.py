@@ -58,6 +58,8 @@ class Method:
     weight_decay: float = 0.0
     loss_args: Mapping[str, float] = field(default_factory=dict)  # the loss's constants, if not its own
     curve_points: int = 10  # evaluations spread evenly over training, plus one before the first step
+    # Step sizes `--select` chooses among, on a slice of train held out (see trainer.select_lr).
+    select_lr: tuple[float, ...] = ()
 
     @property
     def trains(self) -> bool:
@@ -72,10 +74,15 @@ class Method:
 # head starts at random and needs a larger step than the prototypes, which start at the zero-shot
 # classifier; a floor of 1,000 steps converges every domain size, where five epochs alone gave a
 # 3,000-row domain 15 steps.
-_LP = dict(head="linear", epochs=5, lr=1e-1, batch_size=1024, weight_decay=1e-4)
-_PROTO = dict(head="proto", epochs=5, lr=1e-3, batch_size=1024, weight_decay=0.0)
+_LP = dict(head="linear", epochs=5, lr=1e-1, batch_size=1024, weight_decay=1e-4, select_lr=(3e-2, 1e-1, 3e-1))
+_PROTO = dict(
+    head="proto", epochs=5, lr=1e-3, batch_size=1024, weight_decay=0.0, select_lr=(3e-4, 1e-3, 3e-3)
+)
 # The text-prompt head (CoOp) trains a few context vectors through the frozen text encoder; CoOp's step 2e-3.
-_TP = dict(head="prompt", epochs=10, lr=2e-3, batch_size=1024, weight_decay=0.0, min_steps=200)
+_TP = dict(
+    head="prompt", epochs=10, lr=2e-3, batch_size=1024, weight_decay=0.0, min_steps=200,
+    select_lr=(6e-4, 2e-3, 6e-3),
+)  # fmt: skip
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -152,13 +159,14 @@ def override_keys(loss: str | None) -> list[str]:
 
 
 def resolve_hparams(
-    method: Method, overrides: Mapping[str, Any], where: str = ""
+    method: Method, overrides: Mapping[str, Any], where: str = "", *, select: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The hyperparameters a run of `method` uses, and the overrides that differ from its defaults.
 
     `overrides` may set any key of HPARAMS and any constant of the (possibly overridden) loss; values
     are checked for type and range, and a problem is a UserError prefixed by `where`. The first dict is
-    what the results JSON records as `hparams`."""
+    what the results JSON records as `hparams`; with `select`, its lr is None and `select_lr` lists the
+    step sizes to choose from (the results' `selection` says which was taken)."""
     from cpl_cache.train.heads import get_head
 
     if not method.trains:
@@ -195,5 +203,11 @@ def resolve_hparams(
         "optimizer": "adamw",
         "schedule": "cosine",
     }
+    if select:
+        if "lr" in checked:
+            raise UserError(f"{where}lr is chosen by --select; drop one of them")
+        if not method.select_lr:
+            raise UserError(f"{where}{method.name} declares no step sizes to select among; drop --select")
+        record["lr"], record["select_lr"] = None, list(method.select_lr)
     changed = {k: v for k, v in checked.items() if v != {**defaults, **constants}.get(k)}
     return record, changed

@@ -19,6 +19,7 @@ are a paired comparison (same initialisation, same batch order), whatever else t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -47,6 +48,7 @@ EVAL_CHUNK = 16384  # rows per forward pass when evaluating (bounds memory on la
 # fixed random train rows: an estimate within about half a point, at a tenth of a full pass on quickdraw.
 CURVE_TRAIN_ROWS = 8192
 COLLAPSE_SHARE = 0.9  # a run whose most predicted class takes more of the test rows than this is flagged
+SELECT_HOLDOUT = 0.1  # the share of train rows `--select` holds out to score each step size on
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    select: bool = False  # choose the step size on a held-out slice of train (`select_lr`)
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,14 @@ class Cell:
     def of(cls, cfg: TrainConfig) -> Cell:
         check_seed(cfg.seed, "seed")
         method = get_method(cfg.method)
-        hparams, changed = resolve_hparams(method, dict(cfg.overrides))
+        hparams, changed = resolve_hparams(method, dict(cfg.overrides), select=cfg.select and method.trains)
         order = [*HPARAMS, *hparams.get("loss_args", {})]
         name = method.name + "".join(
             f"+{k}={changed[k]:g}" if isinstance(changed[k], float) else f"+{k}={changed[k]}"
             for k in order
             if k in changed
         )
-        return cls(method, cfg.seed, hparams, name)
+        return cls(method, cfg.seed, hparams, name + ("+select" if "select_lr" in hparams else ""))
 
     def steps(self, n: int) -> int:
         """Optimiser steps on n train rows: max(min_steps, epochs x steps per epoch); none at 0 epochs."""
@@ -167,6 +170,33 @@ class DomainTensors:
         if bool((y < 0).any() or (y >= K).any()):
             raise UserError(f"train labels of {self.where} fall outside 0..{K - 1}; re-extract the cache")
         return torch.full((len(y), K), TRUTH_OFF, device=self.device).scatter_(1, y[:, None], 0.0)
+
+    def targets(self, method: Method) -> Tensor:
+        return self.truth_train if method.uses_ground_truth else self.weak_train
+
+
+class HeldOut:
+    """A domain's train rows less a seeded slice held out, standing in for `DomainTensors` in
+    `train_stack`: heads fit the rest, and the held-out slice is their "test". Scores read the weak
+    labels of the slice, or, for the ceilings only, its ground truth: never `hold` or `test`."""
+
+    def __init__(self, dt: DomainTensors, seed: int) -> None:
+        n = len(dt.train)
+        k = max(1, round(SELECT_HOLDOUT * n)) if n > 1 else 0
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        self._dt, self._hold, self._fit = dt, perm[:k].to(dt.device), perm[k:].to(dt.device)
+        self.data, self.device, self.where = dt.data, dt.device, dt.where
+        self.train = dt.train[perm[k:]]
+        self.x_train, self.weak_train = dt.x_train[self._fit], dt.weak_train[self._fit]
+        self.x_test, self.weak_test = dt.x_train[self._hold], dt.weak_train[self._hold].argmax(dim=1)
+
+    @cached_property
+    def truth_train(self) -> Tensor:
+        return self._dt.truth_train[self._fit]
+
+    @cached_property
+    def y_test(self) -> Tensor:
+        return self._dt.truth_train[self._hold].argmax(dim=1)
 
     def targets(self, method: Method) -> Tensor:
         return self.truth_train if method.uses_ground_truth else self.weak_train
@@ -352,23 +382,70 @@ def train_cells(
     for c in cells:
         if c.steps(1) and n == 0:
             raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
-    stacks: dict[tuple[Any, ...], list[Cell]] = {}
-    for c in cells:
-        stacks.setdefault(stack_key(c, n), []).append(c)
     records = []
     # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which x86
     # CPUs process tens of times slower; flushing them to zero changes no result that matters. Only
     # while training: the caller's floating-point mode is left as it was found (off, torch's default).
     flush = dt.device == "cpu" and torch.set_flush_denormal(True)
     try:
-        for stack in stacks.values():
-            records.extend(_write(train_stack(stack, dt), out))
+        selecting = [i for i, c in enumerate(cells) if "select_lr" in c.hparams]
+        chosen = dict(zip(selecting, select_lr([cells[i] for i in selecting], dt), strict=True))
+        runs = [
+            dataclasses.replace(c, hparams={**c.hparams, "lr": chosen[i][0]}) if i in chosen else c
+            for i, c in enumerate(cells)
+        ]
+        for stack in _stacks(runs, len(dt.train)):
+            stack_records = train_stack(stack, dt)
+            for run, record in zip(stack, stack_records, strict=True):
+                i = next(i for i, r in enumerate(runs) if r is run)
+                if i in chosen:  # recorded as planned (lr None, the candidates), with what was chosen
+                    record["hparams"], record["selection"] = cells[i].hparams, chosen[i][1]
+            records.extend(_write(stack_records, out))
             if done is not None:
                 done(len(stack))
     finally:
         if flush:
             torch.set_flush_denormal(False)
     return records
+
+
+def _stacks(cells: Sequence[Cell], n: int) -> list[list[Cell]]:
+    """Cells grouped by `stack_key`, in first-seen order."""
+    stacks: dict[tuple[Any, ...], list[Cell]] = {}
+    for c in cells:
+        stacks.setdefault(stack_key(c, n), []).append(c)
+    return list(stacks.values())
+
+
+def select_lr(cells: Sequence[Cell], dt: DomainTensors) -> list[tuple[float, dict[str, Any]]]:
+    """For each cell, the step size of its `select_lr` whose run on train less a held-out slice scores
+    best on that slice (agreement with the weak labels; accuracy for the ceilings), and what was measured.
+    Every candidate of one seed trains in the same stacks, on the same rows."""
+    trials = [
+        (i, lr, dataclasses.replace(c, hparams={**c.hparams, "lr": lr}, name=f"{c.name}@{lr:g}"))
+        for i, c in enumerate(cells)
+        for lr in c.hparams["select_lr"]
+    ]
+    scores: list[dict[float, float]] = [{} for _ in cells]
+    for seed in dict.fromkeys(c.seed for c in cells):
+        view = HeldOut(dt, seed)
+        runs = [t for t in trials if cells[t[0]].seed == seed]
+        for stack in _stacks([t[2] for t in runs], len(view.train)):
+            for trial, record in zip(stack, train_stack(stack, view), strict=True):
+                i, lr, _ = next(t for t in runs if t[2] is trial)
+                metric = "test_acc" if cells[i].method.uses_ground_truth else "weak_agreement"
+                scores[i][lr] = record["metrics"][metric]
+    chosen = []
+    for cell, by_lr in zip(cells, scores, strict=True):
+        best = max(by_lr, key=lambda lr: by_lr[lr])  # the first of equal scores
+        truth = cell.method.uses_ground_truth
+        chosen.append((best, {
+            "selected": {"lr": best},
+            "scores": {f"{lr:g}": v for lr, v in by_lr.items()},
+            "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
+            "on": f"{SELECT_HOLDOUT:.0%} of train held out",
+        }))  # fmt: skip
+    return chosen
 
 
 def _write(records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
