@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test lint demo bench-cache bench-train bench-extract reproduce-table2 reproduce-table6 clean
+.PHONY: help install test lint demo readme-demo bench-cache bench-train bench-extract reproduce-table2 reproduce-table6 clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,11 @@ DEMO_DIR ?= demo
 
 demo: $(STAMP) ## The main job on built-in synthetic data and tiny models: synth, train-weak, extract, the grid, table, plot
 	$(OFFLINE) $(PY) -m cpl_cache demo --out $(DEMO_DIR)
+
+readme-demo: demo ## Splice the demo's own table (demo/results/demo.md) into README.md
+	$(PY) -c 'import pathlib; t = pathlib.Path("$(DEMO_DIR)/results/demo.md").read_text(); \
+	r = pathlib.Path("README.md"); s = r.read_text(); a, b = "<!-- demo-table -->", "<!-- /demo-table -->"; \
+	r.write_text(s[: s.index(a) + len(a)] + "\n" + t.strip() + "\n" + s[s.index(b) :])'
 
 bench-cache: $(STAMP) ## Cache write/load benchmark against a flat numpy file (writes bench-results/cache.json)
 	$(OFFLINE) $(PY) benchmarks/bench_cache.py

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -154,6 +155,7 @@ def domain_grid(cache: Path, domain: str, seeds: list[int], device: str, out: Pa
         "load_s": load_s,
         "max_test_acc_diff": diff,
         "test_acc": {m: sum(a) / len(a) for m, a in rows.items()},
+        "test_acc_std": {m: statistics.stdev(a) if len(a) > 1 else 0.0 for m, a in rows.items()},
         "flags": {f"{r['method']}-seed{r['seed']}": r["flags"] for r in stacked if r["flags"]},
     }
 

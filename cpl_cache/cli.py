@@ -332,7 +332,10 @@ def train_weak_cmd(
 
 @command("methods")
 def methods_cmd() -> None:
-    """List the registered methods (name, head, loss, targets, one line each) and their hyperparameters."""
+    """List the registered methods (name, head, loss, targets, one line each) and their hyperparameters,
+    then the registered heads and losses."""
+    from cpl_cache.train.heads import HEADS
+    from cpl_cache.train.losses import LOSSES
     from cpl_cache.train.methods import HPARAMS, METHODS, loss_constants
 
     for m in METHODS.values():
@@ -344,6 +347,8 @@ def methods_cmd() -> None:
                 " " * 15
                 + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
             )
+    typer.echo(f"heads: {', '.join(HEADS)}")
+    typer.echo(f"losses: {', '.join(LOSSES)}")
 
 
 SelectOpt = Annotated[

@@ -169,9 +169,10 @@ def test_train_command_prints_one_line_and_writes_results(clean: Path, tmp_path:
 def test_methods_command_lists_every_method():
     r = cli("methods")
     assert r.exit_code == 0
-    names = [line.split()[0] for line in r.stdout.splitlines() if line and not line.startswith(" ")]
-    assert names == list(METHODS)
-    assert "tau=0.5" in r.stdout and "min_steps=1000" in r.stdout
+    lines = r.stdout.splitlines()
+    names = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    assert names[:-2] == list(METHODS) and lines[-1].startswith("losses: soft, hard, kd, auxconf")
+    assert "tau=0.5" in r.stdout and "min_steps=500" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -321,3 +322,32 @@ def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: P
     base = ["train", "--method", "adaptconf-lp", "--domain", DOMAIN, "--cache-dir", str(clean)]
     one_line_error(cli(*base, "--out", str(tmp_path), *args), *needles)
     assert not (tmp_path / DOMAIN).exists()
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def test_select_chooses_the_step_size_on_held_out_train_rows_only(clean: Path, permuted: Path, tmp_path: Path):
+    """`--select` scores each candidate on a held-out slice of train and keeps the best; a weak-supervised
+    cell's choice reads weak labels only (the same when train and hold ground truth is shuffled)."""
+    fast = {"epochs": 2, "batch_size": 128, "min_steps": 0}
+    cfg = TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "a", 0, fast, "cpu", select=True)
+    rec = run_training(cfg)
+    sel = rec["selection"]
+    assert rec["method"] == "naive-lp+epochs=2+min_steps=0+batch_size=128+select"
+    assert rec["hparams"]["lr"] is None and rec["hparams"]["select_lr"] == list(METHODS["naive-lp"].select_lr)
+    assert list(sel["scores"]) == [f"{lr:g}" for lr in METHODS["naive-lp"].select_lr]
+    best = max(sel["scores"], key=sel["scores"].get)
+    assert sel["selected"] == {"lr": float(best)} and "weak labels" in sel["score"]
+    again = run_training(dataclasses.replace(cfg, cache_dir=permuted, out=tmp_path / "b"))
+    assert again["selection"] == sel
+    # the chosen step size trains the final run: the same metrics as that step size given outright
+    plain = dict(fast, lr=float(best))
+    alone = run_training(TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "c", 0, plain, "cpu"))
+    assert alone["metrics"] == rec["metrics"]
+    ceiling = run_training(dataclasses.replace(cfg, method="ceiling-lp", out=tmp_path / "d"))
+    assert "ground truth" in ceiling["selection"]["score"]
+    r = cli(
+        "train", "--method", "cpl", "--domain", DOMAIN, "--cache-dir", str(clean), "--select", "--lr", "0.1"
+    )
+    one_line_error(r, "lr is chosen by --select")

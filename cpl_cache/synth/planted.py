@@ -21,6 +21,7 @@ kappa = 100, the logit scale written to text.h5, as OpenAI's checkpoints have).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,6 @@ def write_planted_cache(
         raise UserError(f"--weak-acc must lie in [0, 1], got {cfg.weak_acc}")
     if min(cfg.n_train, cfg.n_hold, cfg.n_test) < 0 or cfg.shard_size < 1:
         raise UserError("--train, --test and --hold must be 0 or more, and --shard-size at least 1")
-    ddir = domain_dir(cache_dir, cfg.domain)
-    if (ddir / MANIFEST).exists():
-        if not overwrite:
-            raise UserError(f"{ddir} already holds a cache; pass --overwrite to replace it")
-        shutil.rmtree(ddir)
-
     rng = np.random.default_rng(cfg.seed)
     mu, groups = class_directions(cfg, rng)
     offset = _unit(rng.standard_normal(cfg.dim).astype(np.float32)) * np.float32(0.5)
@@ -128,49 +123,70 @@ def write_planted_cache(
     rank = min(cfg.nuisance_rank, cfg.dim)
     basis = np.linalg.qr(rng.standard_normal((cfg.dim, rank)))[0].astype(np.float32)  # (D, r) orthonormal
 
-    classes = [f"class_{k:03d}" for k in range(cfg.classes)]
-    counts = {"train": cfg.n_train, "hold": cfg.n_hold, "test": cfg.n_test}
+    def rows(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = rng.integers(0, cfg.classes, m)
+        nuisance = _sphere_noise(rng, m, rank, cfg.nuisance_noise) @ basis.T
+        x = _unit(mu[labels] + nuisance + _sphere_noise(rng, m, cfg.dim, cfg.image_noise))
+        return x, weak_logits_for(labels, groups, cfg, rng), labels
+
+    return write_synthetic_cache(
+        cache_dir, cfg.domain, text, {"train": cfg.n_train, "hold": cfg.n_hold, "test": cfg.n_test}, rows,
+        weak_id=f"planted-weak-{cfg.weak_acc:g}", seed=cfg.seed, shard_size=cfg.shard_size,
+        overwrite=overwrite, planted={k: v for k, v in cfg.__dict__.items() if k != "domain"},
+    )  # fmt: skip
+
+
+def write_synthetic_cache(
+    cache_dir: Path | str,
+    domain: str,
+    text: np.ndarray,
+    counts: dict[str, int],
+    rows: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    weak_id: str,
+    seed: int,
+    shard_size: int = 50_000,
+    overwrite: bool = False,
+    **manifest_extra: Any,
+) -> dict[str, Any]:
+    """Write a schema-1 domain of generated rows: `rows(m)` gives m rows' unit embeddings (m, D), weak
+    logits (m, K) and labels (m,), drawn split by split in slices (memory stays bounded at DomainNet
+    sizes); `text` (K, D) are the class prototypes. Returns a few statistics."""
+    ddir = domain_dir(cache_dir, domain)
+    if (ddir / MANIFEST).exists():
+        if not overwrite:
+            raise UserError(f"{ddir} already holds a cache; pass --overwrite to replace it")
+        shutil.rmtree(ddir)
+    K, D = text.shape
+    classes = [f"class_{k:03d}" for k in range(K)]
     manifest = new_manifest(
-        dataset="planted",
-        domain=cfg.domain,
-        classes=classes,
-        dim=cfg.dim,
-        strong={"id": "planted", "revision": None},
-        weak={"id": f"planted-weak-{cfg.weak_acc:g}", "revision": None},
-        split={"hold_frac": cfg.n_hold / max(cfg.n_hold + cfg.n_test, 1), "seed": cfg.seed},
-        counts=counts,
-        planted={k: v for k, v in cfg.__dict__.items() if k != "domain"},
-    )
+        dataset="planted", domain=domain, classes=classes, dim=D, strong={"id": "planted", "revision": None},
+        weak={"id": weak_id, "revision": None},
+        split={"hold_frac": counts["hold"] / max(counts["hold"] + counts["test"], 1), "seed": seed},
+        counts=counts, **manifest_extra,
+    )  # fmt: skip
 
     def listed(entry: dict[str, Any]) -> None:
         manifest["shards"].append(entry)
         write_manifest(ddir, manifest)
 
-    writer = ShardWriter(
-        ddir, dim=cfg.dim, num_classes=cfg.classes, shard_size=cfg.shard_size, on_shard=listed
-    )
+    writer = ShardWriter(ddir, dim=D, num_classes=K, shard_size=shard_size, on_shard=listed)
     write_manifest(ddir, manifest)
     write_text(ddir, text, [f"a photo of a {c.replace('_', ' ')}." for c in classes], LOGIT_SCALE)
-
-    n_right = 0
-    start = 0
+    n_right = start = 0
     for name, n in counts.items():
-        # Generate a split in slices so memory stays bounded at DomainNet sizes.
         for lo in range(0, n, 50_000):
             m = min(50_000, n - lo)
-            labels = rng.integers(0, cfg.classes, m)
-            nuisance = _sphere_noise(rng, m, rank, cfg.nuisance_noise) @ basis.T
-            x = _unit(mu[labels] + nuisance + _sphere_noise(rng, m, cfg.dim, cfg.image_noise))
-            w = weak_logits_for(labels, groups, cfg, rng)
+            x, w, labels = rows(m)
             n_right += int((w.argmax(1) == labels).sum())
             idx = np.arange(start, start + m, dtype=np.int64)
             writer.add(
                 image_embeds=x.astype(np.float16),
-                weak_logits=w,
+                weak_logits=w.astype(np.float32),
                 labels=labels.astype(np.int16),
                 split=np.full(m, SPLIT_CODES[name], np.uint8),
                 index=idx,
-                paths=[f"planted/{cfg.domain}/{i:07d}.npy" for i in idx],
+                paths=[f"planted/{domain}/{i:07d}.npy" for i in idx],
             )
             start += m
     writer.flush()
@@ -178,6 +194,53 @@ def write_planted_cache(
     write_manifest(ddir, manifest)
     total = sum(counts.values())
     return {"rows": total, "shards": len(manifest["shards"]), "weak_acc": n_right / max(total, 1)}
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """A second, simpler generative story, independent of the planted one (to check that defaults chosen
+    on one kind of cache hold on another): class means drawn at random on the sphere, an image is
+    normalise(mean_y + isotropic noise); the weak supervisor is a nearest-mean classifier that sees its
+    own, noisier and lower-dimensional view of the image (a random projection) and knows the means only
+    roughly, so its mistakes depend partly on the image, as a real weak model's do; text prototypes are
+    the means plus noise."""
+
+    domain: str = "clipart"
+    n_train: int = 3000
+    n_hold: int = 1000
+    n_test: int = 1000
+    dim: int = 64
+    classes: int = 20
+    seed: int = 0
+    image_noise: float = 1.5  # norm of the image noise against the unit mean
+    weak_noise: float = 1.0  # norm of the extra noise the weak supervisor's view adds
+    weak_dim: int = 16  # the dimension of its view
+    weak_mean_noise: float = 0.5  # norm of the error in the means it classifies by
+    weak_scale: float = 8.0  # its logits: weak_scale * cosine to each (rough) mean, in its view
+    text_noise: float = 3.0
+
+
+def write_mixture_cache(
+    cache_dir: Path | str, cfg: MixtureConfig, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write one `MixtureConfig` domain into `cache_dir` in schema 1; returns a few statistics."""
+    rng = np.random.default_rng(cfg.seed)
+    means = _unit(rng.standard_normal((cfg.classes, cfg.dim)).astype(np.float32))
+    text = _unit(means + _sphere_noise(rng, cfg.classes, cfg.dim, cfg.text_noise))
+    view = np.linalg.qr(rng.standard_normal((cfg.dim, cfg.weak_dim)))[0].astype(np.float32)  # (D, d)
+    rough = _unit((means + _sphere_noise(rng, cfg.classes, cfg.dim, cfg.weak_mean_noise)) @ view)
+
+    def rows(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels = rng.integers(0, cfg.classes, m)
+        clean = means[labels] + _sphere_noise(rng, m, cfg.dim, cfg.image_noise)
+        seen = _unit((clean + _sphere_noise(rng, m, cfg.dim, cfg.weak_noise)) @ view)
+        return _unit(clean), np.float32(cfg.weak_scale) * seen @ rough.T, labels
+
+    return write_synthetic_cache(
+        cache_dir, cfg.domain, text, {"train": cfg.n_train, "hold": cfg.n_hold, "test": cfg.n_test}, rows,
+        weak_id="mixture-weak", seed=cfg.seed, overwrite=overwrite,
+        mixture={k: v for k, v in cfg.__dict__.items() if k != "domain"},
+    )  # fmt: skip
 
 
 def permute_ground_truth(ddir: Path, seed: int = 0) -> None:
