@@ -356,7 +356,7 @@ SelectOpt = Annotated[
     typer.Option(
         "--select/--no-select",
         help="Choose the step size among the method's candidates by a run on train less 10% held out, "
-        "scored on that slice against the weak labels (the ceilings: its ground truth); ~3.7x the time.",
+        "scored on that slice against the weak labels (the ceilings: its ground truth); about 3x the time.",
     ),
 ]
 

@@ -327,7 +327,7 @@ def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: P
 # ------------------------------------------------------------------------------------ selection
 
 
-def test_select_chooses_the_step_size_on_held_out_train_rows_only(clean: Path, permuted: Path, tmp_path: Path):
+def test_select_chooses_the_step_size_on_held_out_train_rows(clean: Path, permuted: Path, tmp_path: Path):
     """`--select` scores each candidate on a held-out slice of train and keeps the best; a weak-supervised
     cell's choice reads weak labels only (the same when train and hold ground truth is shuffled)."""
     fast = {"epochs": 2, "batch_size": 128, "min_steps": 0}
@@ -351,3 +351,19 @@ def test_select_chooses_the_step_size_on_held_out_train_rows_only(clean: Path, p
         "train", "--method", "cpl", "--domain", DOMAIN, "--cache-dir", str(clean), "--select", "--lr", "0.1"
     )
     one_line_error(r, "lr is chosen by --select")
+
+
+def test_default_probes_beat_the_weak_model_on_an_independent_small_cache(tmp_path: Path):
+    """The registry's defaults, untuned for it, on a 3,000-row Gaussian-mixture cache (not the planted
+    story): the linear probes above the weak model, and the ground-truth probe above them."""
+    from cpl_cache.synth.planted import MixtureConfig, write_mixture_cache
+
+    write_mixture_cache(tmp_path / "cache", MixtureConfig(domain=DOMAIN))
+    acc = {
+        m: run_training(TrainConfig(m, DOMAIN, tmp_path / "cache", tmp_path / "out", device="cpu"))["metrics"]
+        for m in ("weak", "naive-lp", "auxconf-lp", "ceiling-lp")
+    }
+    weak = acc["weak"]["test_acc"]
+    assert 0.45 < weak < 0.55
+    assert acc["naive-lp"]["test_acc"] > weak + 0.08 and acc["auxconf-lp"]["test_acc"] > weak + 0.15
+    assert acc["ceiling-lp"]["test_acc"] > max(acc["naive-lp"]["test_acc"], acc["auxconf-lp"]["test_acc"])
