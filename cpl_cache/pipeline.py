@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpl_cache.cache import manifest_identity, read_manifest
+from cpl_cache.cache import MANIFEST, manifest_identity, read_manifest
 from cpl_cache.datasets import DATASETS
 from cpl_cache.errors import UserError
 from cpl_cache.runtime import check_seed
@@ -336,7 +336,7 @@ def plan(cfg: PipelineConfig) -> list[PlannedCell]:
 
 def _fingerprints(cfg: PipelineConfig, domains: list[str]) -> dict[str, str]:
     """Each domain's cache fingerprint; refuses up front, naming every domain the cache lacks."""
-    missing = [d for d in domains if not (Path(cfg.cache_dir) / d / "manifest.json").is_file()]
+    missing = [d for d in domains if not (Path(cfg.cache_dir) / d / MANIFEST).is_file()]
     if missing and Path(cfg.cache_dir).is_dir():
         have = [d for d in domains if d not in missing]
         fix = (
