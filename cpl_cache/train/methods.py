@@ -87,11 +87,14 @@ _PROTO = dict(
     select_lr=(1e-4, 3e-4, 1e-3),
 )  # fmt: skip
 _PROTO_TRUTH = {**_PROTO, "lr": 1e-3, "select_lr": (3e-4, 1e-3, 3e-3)}
-# The text-prompt head (CoOp) trains a few context vectors through the frozen text encoder; CoOp's step 2e-3.
+# The text-prompt head (CoOp) trains a few context vectors through the frozen text encoder. As with the
+# prototypes, a step that suits ground truth (2e-3, CoOp's) memorises weak labels: on the demo's tiny
+# CLIP, Naive+TP falls from zero-shot's 75% to 40% at 2e-3 and stays at 77% at 2e-4 (clipart, seed 0).
 _TP = dict(
-    head="prompt", epochs=10, lr=2e-3, batch_size=1024, weight_decay=0.0, min_steps=200,
-    select_lr=(6e-4, 2e-3, 6e-3),
+    head="prompt", epochs=10, lr=2e-4, batch_size=1024, weight_decay=0.0, min_steps=200,
+    select_lr=(6e-5, 2e-4, 6e-4),
 )  # fmt: skip
+_TP_TRUTH = {**_TP, "lr": 2e-3, "select_lr": (6e-4, 2e-3, 6e-3)}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -127,7 +130,11 @@ METHODS: dict[str, Method] = {
         Method("kd-tp", "text prompt (CoOp), KD from the weak logits", loss="kd", **_TP),
         Method("auxconf-tp", "text prompt (CoOp), auxiliary confidence loss", loss="auxconf", **_TP),
         Method(
-            "ceiling-tp", "strong ceiling: text prompt on ground truth", loss="hard", targets="truth", **_TP
+            "ceiling-tp",
+            "strong ceiling: text prompt on ground truth",
+            loss="hard",
+            targets="truth",
+            **_TP_TRUTH,
         ),
     ]
 }
