@@ -173,11 +173,6 @@ def _check(key: str, value: Any, spec: HParam, where: str) -> Any:
     return value
 
 
-def override_keys(loss: str | None) -> list[str]:
-    """Every key an override may set for a method with this loss."""
-    return [*HPARAMS, *(loss_constants(loss) if loss else {})]
-
-
 def resolve_hparams(
     method: Method, overrides: Mapping[str, Any], where: str = "", *, select: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -285,8 +285,7 @@ def train_stack(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str, Any]
     steps = cells[0].steps(len(dt.train))
     t0 = time.perf_counter()
     if cells[0].hparams["head"] is None:  # the weak supervisor itself
-        records = [_record(c, dt, dt.weak_test, 1.0, [], None, []) for c in cells]
-        return records
+        return [_record(c, dt, dt.weak_test, 1.0, [], None, []) for c in cells]
     # Every head of a seed starts from the same draw, and every stack of a seed sees the same batches.
     heads = [
         get_head(c.hparams["head"])(cache, torch.Generator().manual_seed(seed)).to(device) for c in cells
@@ -395,9 +394,8 @@ def train_cells(
             for i, c in enumerate(cells)
         ]
         for stack in _stacks(runs, len(dt.train)):
-            stack_records = train_stack(stack, dt)
-            for run, record in zip(stack, stack_records, strict=True):
-                i = next(i for i, r in enumerate(runs) if r is run)
+            stack_records = train_stack([runs[i] for i in stack], dt)
+            for i, record in zip(stack, stack_records, strict=True):
                 if i in chosen:  # recorded as planned (lr None, the candidates), with what was chosen
                     record["hparams"], record["selection"] = cells[i].hparams, chosen[i][1]
             records.extend(_write(stack_records, out))
@@ -409,11 +407,11 @@ def train_cells(
     return records
 
 
-def _stacks(cells: Sequence[Cell], n: int) -> list[list[Cell]]:
-    """Cells grouped by `stack_key`, in first-seen order."""
-    stacks: dict[tuple[Any, ...], list[Cell]] = {}
-    for c in cells:
-        stacks.setdefault(stack_key(c, n), []).append(c)
+def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
+    """The cells' positions grouped by `stack_key`, in first-seen order."""
+    stacks: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(cells):
+        stacks.setdefault(stack_key(c, n), []).append(i)
     return list(stacks.values())
 
 
@@ -431,8 +429,8 @@ def select_lr(cells: Sequence[Cell], dt: DomainTensors) -> list[tuple[float, dic
         view = HeldOut(dt, seed)
         runs = [t for t in trials if cells[t[0]].seed == seed]
         for stack in _stacks([t[2] for t in runs], len(view.train)):
-            for trial, record in zip(stack, train_stack(stack, view), strict=True):
-                i, lr, _ = next(t for t in runs if t[2] is trial)
+            for j, record in zip(stack, train_stack([runs[j][2] for j in stack], view), strict=True):
+                i, lr, _ = runs[j]
                 metric = "test_acc" if cells[i].method.uses_ground_truth else "weak_agreement"
                 scores[i][lr] = record["metrics"][metric]
     chosen = []
