@@ -19,7 +19,7 @@ from cpl_cache.cache import SPLIT_CODES, load_domain
 from cpl_cache.cli import app
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.methods import METHODS
-from cpl_cache.train.trainer import TrainConfig, resolve, result_path, run_training
+from cpl_cache.train.trainer import TrainConfig, predict, resolve, result_path, run_training
 
 DOMAIN = "clipart"
 # Clean strong features (small image noise) and a weak supervisor right half the time.
@@ -52,11 +52,12 @@ def permuted(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train(cache: Path, method: str, out: Path, **kw) -> dict:
+    """A fast run: the proto head's step size selected (the default), the linear head's given."""
     m = METHODS[method]
     fast = {**FAST, **({"lr": FAST_LR[m.head]} if FAST_LR[m.head] else {})} if m.trains else {}
-    seed = kw.pop("seed", 0)
+    seed, select = kw.pop("seed", 0), kw.pop("select", True)
     return run_training(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, out=out, device="cpu",
-                                    seed=seed, overrides={**fast, **kw}))  # fmt: skip
+                                    seed=seed, overrides={**fast, **kw}, select=select))  # fmt: skip
 
 
 def test_weak_and_zeroshot_equal_their_definitions(clean: Path, tmp_path: Path):
@@ -102,8 +103,9 @@ def test_strong_students_beat_the_weak_supervisor_on_clean_features(method: str,
 
 
 def test_results_file_and_curve(clean: Path, tmp_path: Path):
-    rec = train(clean, "cpl", tmp_path)
-    name = "cpl+epochs=8+min_steps=0+batch_size=128"  # the overrides of FAST are part of the name
+    rec = train(clean, "cpl", tmp_path, select=False)
+    # the overrides of FAST are part of the name, and so is the step size, fixed where selected by default
+    name = "cpl+epochs=8+min_steps=0+lr=0.0003+batch_size=128"
     path = result_path(tmp_path, DOMAIN, name, 0)
     assert path == tmp_path / DOMAIN / f"{name}-seed0.json" and rec["path"] == str(path)
     on_disk = json.loads(path.read_text())
@@ -328,42 +330,72 @@ def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: P
 
 
 def test_select_chooses_the_step_size_on_held_out_train_rows(clean: Path, permuted: Path, tmp_path: Path):
-    """`--select` scores each candidate on a held-out slice of train and keeps the best; a weak-supervised
-    cell's choice reads weak labels only (the same when train and hold ground truth is shuffled)."""
+    """Selection (the default) trains one run per candidate step size on train less a held-out slice, scores
+    each on that slice and reports the best run as trained; a weak-supervised cell's choice reads weak labels
+    only (the same when train and hold ground truth is shuffled)."""
+    from cpl_cache.train.trainer import Cell, DomainTensors, HeldOut, train_stack
+
     fast = {"epochs": 2, "batch_size": 128, "min_steps": 0}
-    cfg = TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "a", 0, fast, "cpu", select=True)
+    cfg = TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "a", 0, fast, "cpu")
     rec = run_training(cfg)
     sel = rec["selection"]
-    assert rec["method"] == "naive-lp+epochs=2+min_steps=0+batch_size=128+select"
+    assert rec["method"] == "naive-lp+epochs=2+min_steps=0+batch_size=128"
     assert rec["hparams"]["lr"] is None and rec["hparams"]["select_lr"] == list(METHODS["naive-lp"].select_lr)
     assert list(sel["scores"]) == [f"{lr:g}" for lr in METHODS["naive-lp"].select_lr]
     best = max(sel["scores"], key=sel["scores"].get)
     assert sel["selected"] == {"lr": float(best)} and "weak labels" in sel["score"]
     again = run_training(dataclasses.replace(cfg, cache_dir=permuted, out=tmp_path / "b"))
-    assert again["selection"] == sel
-    # the chosen step size trains the final run: the same metrics as that step size given outright
-    plain = dict(fast, lr=float(best))
-    alone = run_training(TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "c", 0, plain, "cpu"))
-    assert alone["metrics"] == rec["metrics"]
+    assert again["selection"] == sel and again["metrics"] == rec["metrics"]
+    # the reported run is the chosen trial: that step size trained on the 90% by hand, scored on the 10%
+    dt = DomainTensors(load_domain(clean, DOMAIN), "cpu")
+    view = HeldOut(dt, 0)
+    held = torch.isin(dt.train, view.train, invert=True)
+    assert int(held.sum()) == round(0.1 * CLEAN.n_train) == len(dt.train) - len(view.train)
+    fixed = Cell.of(TrainConfig("naive-lp", DOMAIN, clean, tmp_path, 0, dict(fast, lr=float(best)), "cpu"))
+    by_hand = train_stack([fixed], view)[0]
+    assert by_hand["metrics"] == rec["metrics"] and by_hand["curve"] == rec["curve"]
+    weak_held = dt.weak_train[held].argmax(dim=1)
+    for lr, score in sel["scores"].items():
+        trial = Cell.of(TrainConfig("naive-lp", DOMAIN, clean, tmp_path, 0, dict(fast, lr=float(lr)), "cpu"))
+        head = _trained_head(trial, view)
+        assert score == (predict(head, dt.x_train[held]) == weak_held).float().mean().item()
     ceiling = run_training(dataclasses.replace(cfg, method="ceiling-lp", out=tmp_path / "d"))
     assert "ground truth" in ceiling["selection"]["score"]
-    r = cli(
-        "train", "--method", "cpl", "--domain", DOMAIN, "--cache-dir", str(clean), "--select", "--lr", "0.1"
-    )
-    one_line_error(r, "lr is chosen by --select")
+    # a given step size, or --no-select, trains one run at a fixed step size, which joins the name
+    given = run_training(dataclasses.replace(cfg, overrides=dict(fast, lr=0.1), out=tmp_path / "e"))
+    assert "selection" not in given and given["method"].endswith("+lr=0.1+batch_size=128")
+    off = run_training(dataclasses.replace(cfg, select=False, out=tmp_path / "f"))
+    assert "selection" not in off and off["hparams"]["lr"] == METHODS["naive-lp"].lr
+    assert off["method"] == f"naive-lp+epochs=2+min_steps=0+lr={METHODS['naive-lp'].lr:g}+batch_size=128"
 
 
-def test_default_probes_beat_the_weak_model_on_an_independent_small_cache(tmp_path: Path):
-    """The registry's defaults, untuned for it, on a 3,000-row Gaussian-mixture cache (not the planted
-    story): the linear probes above the weak model, and the ground-truth probe above them."""
+def _trained_head(cell, view):
+    """The head `train_stack` trains for one cell on a view, rebuilt by the same steps (fit, same seed)."""
+    from cpl_cache.train.heads import get_head
+    from cpl_cache.train.trainer import fit
+
+    head = get_head(cell.hparams["head"])(view.data, torch.Generator().manual_seed(cell.seed))
+    steps = cell.steps(len(view.train))
+    hp = cell.hparams
+    fit([head], [cell.loss_fn()], [view.targets(cell.method)], view.x_train,
+        [{"lr": hp["lr"], "weight_decay": hp["weight_decay"]}], steps, hp["batch_size"],
+        torch.Generator().manual_seed(cell.seed))  # fmt: skip
+    return head
+
+
+def test_defaults_beat_the_weak_model_on_an_independent_small_cache(tmp_path: Path):
+    """The registry's defaults (step sizes selected), untuned for it, on a 3,000-row Gaussian-mixture cache
+    (64-d, 20 classes; not the planted story): CPL and the linear probes above the weak model, and each
+    ceiling above every weak-supervised method of its head."""
     from cpl_cache.synth.planted import MixtureConfig, write_mixture_cache
+    from cpl_cache.train.trainer import Cell, DomainTensors, train_cells
 
     write_mixture_cache(tmp_path / "cache", MixtureConfig(domain=DOMAIN))
-    acc = {
-        m: run_training(TrainConfig(m, DOMAIN, tmp_path / "cache", tmp_path / "out", device="cpu"))["metrics"]
-        for m in ("weak", "naive-lp", "auxconf-lp", "ceiling-lp")
-    }
-    weak = acc["weak"]["test_acc"]
+    dt = DomainTensors(load_domain(tmp_path / "cache", DOMAIN), "cpu")
+    methods = ["weak", "naive-lp", "auxconf-lp", "cpl", "ceiling-lp", "ceiling"]
+    cells = [Cell.of(TrainConfig(m, DOMAIN, tmp_path / "cache", device="cpu")) for m in methods]
+    acc = {r["method"]: r["metrics"]["test_acc"] for r in train_cells(cells, dt, tmp_path / "out")}
+    weak = acc["weak"]
     assert 0.45 < weak < 0.55
-    assert acc["naive-lp"]["test_acc"] > weak + 0.08 and acc["auxconf-lp"]["test_acc"] > weak + 0.15
-    assert acc["ceiling-lp"]["test_acc"] > max(acc["naive-lp"]["test_acc"], acc["auxconf-lp"]["test_acc"])
+    assert acc["naive-lp"] > weak + 0.08 and acc["auxconf-lp"] > weak + 0.15 and acc["cpl"] > weak + 0.05
+    assert acc["ceiling-lp"] > max(acc["naive-lp"], acc["auxconf-lp"]) and acc["ceiling"] > acc["cpl"]

@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
-    select: bool = False  # choose the step size on a held-out slice of train (`select_lr`)
+    select: bool = True  # choose the step size on a held-out slice of train (`select_lr`), unless lr is given
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Cell:
             for k in order
             if k in changed
         )
-        return cls(method, cfg.seed, hparams, name + ("+select" if "select_lr" in hparams else ""))
+        return cls(method, cfg.seed, hparams, name)
 
     def steps(self, n: int) -> int:
         """Optimiser steps on n train rows: max(min_steps, epochs x steps per epoch); none at 0 epochs."""
@@ -176,30 +176,37 @@ class DomainTensors:
 
 
 class HeldOut:
-    """A domain's train rows less a seeded slice held out, standing in for `DomainTensors` in
-    `train_stack`: heads fit the rest, and the held-out slice is their "test". Scores read the weak
-    labels of the slice, or, for the ceilings only, its ground truth: never `hold` or `test`."""
+    """A domain's train rows less a seeded slice (`val`), standing in for `DomainTensors` in `train_stack`
+    when step sizes are selected: heads fit the rest, are scored on the slice by agreement with its weak
+    labels (the ceilings only: its ground truth; never `hold` or `test`), and are evaluated on `test` as
+    usual. The selected head is the one reported: nothing is retrained."""
 
     def __init__(self, dt: DomainTensors, seed: int) -> None:
         n = len(dt.train)
         k = max(1, round(SELECT_HOLDOUT * n)) if n > 1 else 0
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        self._dt, self._hold, self._fit = dt, perm[:k].to(dt.device), perm[k:].to(dt.device)
+        self._dt, self._val, self._fit = dt, perm[:k].to(dt.device), perm[k:].to(dt.device)
         self.data, self.device, self.where = dt.data, dt.device, dt.where
         self.train = dt.train[perm[k:]]
         self.x_train, self.weak_train = dt.x_train[self._fit], dt.weak_train[self._fit]
-        self.x_test, self.weak_test = dt.x_train[self._hold], dt.weak_train[self._hold].argmax(dim=1)
+        self.x_test, self.y_test, self.weak_test = dt.x_test, dt.y_test, dt.weak_test
+        self.x_val, self.weak_val = dt.x_train[self._val], dt.weak_train[self._val].argmax(dim=1)
 
     @cached_property
     def truth_train(self) -> Tensor:
         return self._dt.truth_train[self._fit]
 
     @cached_property
-    def y_test(self) -> Tensor:
-        return self._dt.truth_train[self._hold].argmax(dim=1)
+    def y_val(self) -> Tensor:
+        return self._dt.truth_train[self._val].argmax(dim=1)
 
     def targets(self, method: Method) -> Tensor:
         return self.truth_train if method.uses_ground_truth else self.weak_train
+
+    def score(self, head: nn.Module, method: Method) -> float:
+        """What selection maximises: agreement with the slice's weak labels (ceilings: accuracy)."""
+        reference = self.y_val if method.uses_ground_truth else self.weak_val
+        return (predict(head, self.x_val) == reference).float().mean().item()
 
 
 @torch.no_grad()
@@ -319,12 +326,16 @@ def train_stack(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str, Any]
         finite, curves = [True] * len(cells), [[] for _ in cells]
     seconds = (time.perf_counter() - t0) / len(cells)
     names = [c.name for c in cells]
-    return [
+    records = [
         _record(c, dt, preds[h], probe_acc[h], curves[h], heads[h], health(
             preds[h], finite[h], heads[h], cache.num_classes
         ), seconds=seconds, steps=steps, stack=names)
         for h, c in enumerate(cells)
     ]  # fmt: skip
+    if isinstance(dt, HeldOut):  # a selection trial: its score on the held-out slice
+        for record, head, c in zip(records, heads, cells, strict=True):
+            record["val_score"] = dt.score(head, c.method)
+    return records
 
 
 def _record(
@@ -376,35 +387,37 @@ def stack_key(cell: Cell, n: int) -> tuple[Any, ...]:
 def train_cells(
     cells: Sequence[Cell], dt: DomainTensors, out: Path, done: Callable[[int], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Train every cell on one domain, stacked by `stack_key`, writing each record as its stack ends."""
+    """Train every cell on one domain, stacked by `stack_key`, writing each record as its stack ends;
+    returns the records in the order of `cells`. Cells that select their step size train as trials."""
     n = len(dt.train)
     for c in cells:
         if c.steps(1) and n == 0:
             raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
-    records = []
+    records: list[dict[str, Any] | None] = [None] * len(cells)
     # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which x86
     # CPUs process tens of times slower; flushing them to zero changes no result that matters. Only
     # while training: the caller's floating-point mode is left as it was found (off, torch's default).
     flush = dt.device == "cpu" and torch.set_flush_denormal(True)
     try:
-        selecting = [i for i, c in enumerate(cells) if "select_lr" in c.hparams]
-        chosen = dict(zip(selecting, select_lr([cells[i] for i in selecting], dt), strict=True))
-        runs = [
-            dataclasses.replace(c, hparams={**c.hparams, "lr": chosen[i][0]}) if i in chosen else c
-            for i, c in enumerate(cells)
-        ]
-        for stack in _stacks(runs, len(dt.train)):
-            stack_records = train_stack([runs[i] for i in stack], dt)
-            for i, record in zip(stack, stack_records, strict=True):
-                if i in chosen:  # recorded as planned (lr None, the candidates), with what was chosen
-                    record["hparams"], record["selection"] = cells[i].hparams, chosen[i][1]
-            records.extend(_write(stack_records, out))
+        fixed = [i for i, c in enumerate(cells) if "select_lr" not in c.hparams]
+        for stack in _stacks([cells[i] for i in fixed], n):
+            positions = [fixed[j] for j in stack]
+            stack_records = _write(train_stack([cells[i] for i in positions], dt), out)
+            for i, record in zip(positions, stack_records, strict=True):
+                records[i] = record
             if done is not None:
                 done(len(stack))
+        selecting = [i for i, c in enumerate(cells) if "select_lr" in c.hparams]
+        if selecting:
+            chosen = _write(select_and_train([cells[i] for i in selecting], dt), out)
+            for i, record in zip(selecting, chosen, strict=True):
+                records[i] = record
+            if done is not None:
+                done(len(selecting))
     finally:
         if flush:
             torch.set_flush_denormal(False)
-    return records
+    return [r for r in records if r is not None]
 
 
 def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
@@ -415,34 +428,36 @@ def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
     return list(stacks.values())
 
 
-def select_lr(cells: Sequence[Cell], dt: DomainTensors) -> list[tuple[float, dict[str, Any]]]:
-    """For each cell, the step size of its `select_lr` whose run on train less a held-out slice scores
-    best on that slice (agreement with the weak labels; accuracy for the ceilings), and what was measured.
-    Every candidate of one seed trains in the same stacks, on the same rows."""
+def select_and_train(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str, Any]]:
+    """For each cell, one trial per step size of its `select_lr`, trained on train less a seeded 10%
+    (`HeldOut`) and scored on that slice (agreement with the weak labels; accuracy for the ceilings).
+    The best-scoring trial is the cell's result, as trained (on the other 90%) and evaluated on test;
+    its record keeps the cell's planned hparams (lr None, the candidates) and says what was chosen.
+    Every trial of one seed trains in the same stacks, on the same rows."""
     trials = [
         (i, lr, dataclasses.replace(c, hparams={**c.hparams, "lr": lr}, name=f"{c.name}@{lr:g}"))
         for i, c in enumerate(cells)
         for lr in c.hparams["select_lr"]
     ]
     scores: list[dict[float, float]] = [{} for _ in cells]
+    results: list[dict[float, dict[str, Any]]] = [{} for _ in cells]
     for seed in dict.fromkeys(c.seed for c in cells):
         view = HeldOut(dt, seed)
         runs = [t for t in trials if cells[t[0]].seed == seed]
         for stack in _stacks([t[2] for t in runs], len(view.train)):
             for j, record in zip(stack, train_stack([runs[j][2] for j in stack], view), strict=True):
                 i, lr, _ = runs[j]
-                metric = "test_acc" if cells[i].method.uses_ground_truth else "weak_agreement"
-                scores[i][lr] = record["metrics"][metric]
+                scores[i][lr], results[i][lr] = record.pop("val_score"), record
     chosen = []
-    for cell, by_lr in zip(cells, scores, strict=True):
+    for cell, by_lr, result in zip(cells, scores, results, strict=True):
         best = max(by_lr, key=lambda lr: by_lr[lr])  # the first of equal scores
         truth = cell.method.uses_ground_truth
-        chosen.append((best, {
+        chosen.append({**result[best], "method": cell.name, "hparams": cell.hparams, "selection": {
             "selected": {"lr": best},
             "scores": {f"{lr:g}": v for lr, v in by_lr.items()},
             "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
-            "on": f"{SELECT_HOLDOUT:.0%} of train held out",
-        }))  # fmt: skip
+            "on": f"{SELECT_HOLDOUT:.0%} of train held out; the chosen head trained on the rest",
+        }})  # fmt: skip
     return chosen
 
 
