@@ -13,9 +13,14 @@ The generative story (all seeded):
   image features, which is what lets a strong student trained on them beat it. The logits are
   about calibrated: their mean top-1 probability is near the supervisor's accuracy at 0.6.
 
-With the defaults at quickdraw size (120,750 train rows, 512-d, 345 classes): zero-shot about 41%,
-the weak supervisor 60%, CPL about 69% and the ground-truth ceiling about 81% (measured with
-kappa = 100, the logit scale written to text.h5, as OpenAI's checkpoints have).
+How hard a cache is for a linear probe is set by the isotropic noise (the nuisance a probe learns to
+ignore): at 5.0 isotropic, 6.0 nuisance (the earlier defaults), a linear classifier matched to this
+story (LDA: class means and one shared covariance) fit on 33,525 rows reached 71% with ground truth and
+53% with the weak labels' argmax, below the weak model's 60%, and the probes trained on weak labels
+stayed below the weak model at three of DomainNet's six sizes with every recipe tried. With 4.0 and 7.0
+the same LDA reaches 92% and 80%, zero-shot stays at about 40% and the weak model at 60%. What the
+registry's defaults give on these caches, at every DomainNet size: README, "Planted caches" (kappa =
+100, the logit scale written to text.h5, as OpenAI's checkpoints have).
 """
 
 from __future__ import annotations
@@ -54,9 +59,9 @@ class PlantedConfig:
     weak_acc: float = 0.6
     seed: int = 0
     shard_size: int = 50_000
-    image_noise: float = 5.0  # norm of the isotropic image noise relative to the unit class direction
+    image_noise: float = 4.0  # norm of the isotropic image noise relative to the unit class direction
     nuisance_rank: int = 64  # dimension of the shared nuisance subspace
-    nuisance_noise: float = 6.0  # norm of the nuisance component
+    nuisance_noise: float = 7.0  # norm of the nuisance component
     text_noise: float = 0.3  # norm of the text noise: how far zero-shot prototypes sit from the truth
     same_group_confusion: float = 0.7  # share of weak mistakes that go to a class of the same group
     # Sharpness of the weak logits: 1.8 makes the mean top-1 probability about 0.6, so a supervisor
