@@ -8,11 +8,13 @@ at a time, and the naive-lp cell against a reference training loop.
 Parts, each timed in the same run:
 - grid: six planted domains at DomainNet sizes (train list; half the test list as test, the other half
   as hold; 512-d, 345 classes), every method of pipelines/table2.toml that a planted cache can train
-  (the *-tp methods need a CLIP text tower: benchmarks/bench_prompt.py), three seeds. Per domain, the
+  (the *-tp methods need a CLIP text tower: benchmarks/bench_prompt.py) and ceiling-lp, three seeds,
+  step sizes selected as every command selects them (--no-select: the registry's). Per domain, the
   cells train stacked, as `cpl-cache run` trains them, and then one at a time through the same code
   (`cpl-cache train`'s path, the domain's tensors loaded once), in turns; the cache load is timed too,
   which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
   within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree between the two.
+  `--no-alone` trains the stacks only (the README's table of accuracies).
 - reference: on quickdraw, the reference loop written the common way (public weak-to-strong code: a
   DataLoader over a TensorDataset, batch 100, Adam lr 1e-3, cosine schedule, 10 epochs, soft weak labels)
   against the `naive-lp` cell alone. Goal: naive-lp reaches its test accuracy in at most a fifth of its time.
@@ -122,25 +124,41 @@ def reference_loop(data, device: str, seed: int = 0) -> dict:
 
 
 def grid_methods() -> list[str]:
-    """The methods of pipelines/table2.toml that a planted cache can run (no prompt head)."""
+    """The methods of pipelines/table2.toml that a planted cache can run (no prompt head), and `ceiling-lp`
+    (not in Table 2) so that every head has its ground-truth ceiling."""
     grid = load_grid(REPO / "pipelines" / "table2.toml")
-    return [m.method for m in grid.methods if METHODS[m.method].head != "prompt"]
+    return [m.method for m in grid.methods if METHODS[m.method].head != "prompt"] + ["ceiling-lp"]
 
 
-def domain_grid(cache: Path, domain: str, seeds: list[int], device: str, out: Path) -> dict:
-    """One domain's cells stacked, then one at a time; both timed, and their metrics compared."""
+def domain_grid(
+    cache: Path,
+    domain: str,
+    seeds: list[int],
+    device: str,
+    out: Path,
+    alone: bool = True,
+    select: bool = True,
+) -> dict:
+    """One domain's cells stacked, then (with `alone`) one at a time; both timed, and their metrics
+    compared. `select`: step sizes selected on held-out train rows (the default of every command)."""
     load_s, data = timed(device, lambda: load_domain(cache, domain))
     dt = DomainTensors(data, device)
     _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train  # made once, outside both timings
-    cells = [Cell.of(TrainConfig(m, domain, cache, seed=s)) for s in seeds for m in grid_methods()]
+    cells = [
+        Cell.of(TrainConfig(m, domain, cache, seed=s, select=select)) for s in seeds for m in grid_methods()
+    ]
     stacked_s, stacked = timed(device, lambda: train_cells(cells, dt, out / "stacked"))
-    alone, alone_s = [], 0.0
-    for cell in cells:
+    one_by_one, alone_s = [], 0.0
+    for cell in cells if alone else []:
         seconds, records = timed(device, lambda cell=cell: train_cells([cell], dt, out / "alone"))
         alone_s += seconds
-        alone.extend(records)
+        one_by_one.extend(records)
     diff = max(
-        abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) for a, b in zip(stacked, alone, strict=True)
+        (
+            abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"])
+            for a, b in zip(stacked, one_by_one, strict=True)
+        ),
+        default=None,
     )
     rows = {}
     for r in stacked:
@@ -150,13 +168,19 @@ def domain_grid(cache: Path, domain: str, seeds: list[int], device: str, out: Pa
         "train_rows": len(dt.train),
         "cells": len(cells),
         "steps": {r["base_method"]: r["steps"] for r in stacked},
+        "select": select,
         "stacked_s": stacked_s,
-        "alone_s": alone_s,
+        "alone_s": alone_s if alone else None,
         "load_s": load_s,
         "max_test_acc_diff": diff,
         "test_acc": {m: sum(a) / len(a) for m, a in rows.items()},
         "test_acc_std": {m: statistics.stdev(a) if len(a) > 1 else 0.0 for m, a in rows.items()},
         "flags": {f"{r['method']}-seed{r['seed']}": r["flags"] for r in stacked if r["flags"]},
+        "selected_lr": {
+            f"{r['method']}-seed{r['seed']}": r["selection"]["selected"]["lr"]
+            for r in stacked
+            if "selection" in r
+        },
     }
 
 
@@ -174,6 +198,14 @@ def main() -> None:
         "--root", type=Path, default=Path("bench-out/train"), help="where planted caches are kept"
     )
     ap.add_argument("--json", type=Path, default=Path("bench-results/train.json"))
+    ap.add_argument(
+        "--alone", action=argparse.BooleanOptionalAction, default=True,
+        help="also train every cell one at a time, to time stacking against it (--no-alone: the table only)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--select", action=argparse.BooleanOptionalAction, default=True,
+        help="select each cell's step size on held-out train rows, as every command does by default",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,21 +231,25 @@ def main() -> None:
                 f"{'load s':>6}"
             )
             for domain in args.domains.split(","):
-                g = domain_grid(planted(args.root, domain, args.scale), domain, seeds, device, out)
+                cache = planted(args.root, domain, args.scale)
+                g = domain_grid(cache, domain, seeds, device, out, alone=args.alone, select=args.select)
                 report["grid"].append(g)
+                alone_s = g["alone_s"] or float("nan")
                 print(
                     f"{domain:<10} {g['train_rows']:>7} {g['cells']:>5} {g['stacked_s']:>9.1f} "
-                    f"{g['alone_s']:>8.1f} {g['stacked_s'] / g['alone_s']:>6.2f} {g['load_s']:>6.1f}",
+                    f"{alone_s:>8.1f} {g['stacked_s'] / alone_s:>6.2f} {g['load_s']:>6.1f}",
                     flush=True,
                 )
+                write(args.json, report)  # a domain at a time, so that a long run keeps what it measured
             stacked = sum(g["stacked_s"] for g in report["grid"])
-            alone = sum(g["alone_s"] for g in report["grid"])
+            alone = sum(g["alone_s"] or float("nan") for g in report["grid"])
             # `cpl-cache train` one cell at a time also loads the domain's cache for every cell.
             as_commands = alone + sum(g["load_s"] * g["cells"] for g in report["grid"])
             report["grid_total"] = {
                 "stacked_s": stacked, "alone_s": alone, "ratio": stacked / alone,
                 "alone_as_commands_s": as_commands, "ratio_to_commands": stacked / as_commands,
-                "max_test_acc_diff": max(g["max_test_acc_diff"] for g in report["grid"]),
+                "max_test_acc_diff": max(g["max_test_acc_diff"] or 0.0 for g in report["grid"])
+                if args.alone else None,
             }  # fmt: skip
             print(f"grid: {json.dumps(report['grid_total'])}", flush=True)
         if "reference" in parts:
@@ -230,9 +266,13 @@ def main() -> None:
                 "reference": ref, "time_ratio": seconds / ref["seconds"],
             }  # fmt: skip
             print(f"reference: {json.dumps(report['reference'])}", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write(args.json, report)
     print(f"wrote {args.json}")
+
+
+def write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
