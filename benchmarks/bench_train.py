@@ -153,13 +153,8 @@ def domain_grid(
         seconds, records = timed(device, lambda cell=cell: train_cells([cell], dt, out / "alone"))
         alone_s += seconds
         one_by_one.extend(records)
-    diff = max(
-        (
-            abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"])
-            for a, b in zip(stacked, one_by_one, strict=True)
-        ),
-        default=None,
-    )
+    pairs = zip(stacked, one_by_one, strict=True) if alone else []
+    diff = max((abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) for a, b in pairs), default=None)
     rows = {}
     for r in stacked:
         rows.setdefault(r["base_method"], []).append(r["metrics"]["test_acc"])
