@@ -15,6 +15,7 @@ Parts, each timed in the same run:
   which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
   within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree between the two.
   `--no-alone` trains the stacks only (the README's table of accuracies).
+- select: clipart's cells of one seed with step sizes selected (the default) against fixed, in turns.
 - reference: on quickdraw, the reference loop written the common way (public weak-to-strong code: a
   DataLoader over a TensorDataset, batch 100, Adam lr 1e-3, cosine schedule, 10 epochs, soft weak labels)
   against the `naive-lp` cell alone. Goal: naive-lp reaches its test accuracy in at most a fifth of its time.
@@ -179,6 +180,22 @@ def domain_grid(
     }
 
 
+def select_cost(cache: Path, seed: int, device: str, out: Path, turns: int = 2) -> dict:
+    """Clipart's stacked cells of one seed with their step sizes selected against the registry's fixed
+    ones, timed in turns: what selection, on by default, costs."""
+    dt = DomainTensors(load_domain(cache, "clipart"), device)
+    _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train
+    seconds: dict[str, float] = {"select": 0.0, "fixed": 0.0}
+    for _turn in range(turns):
+        for key, select in (("fixed", False), ("select", True)):
+            methods = grid_methods()
+            cells = [Cell.of(TrainConfig(m, "clipart", cache, seed=seed, select=select)) for m in methods]
+            where = out / key
+            seconds[key] += timed(device, lambda cells=cells, where=where: train_cells(cells, dt, where))[0]
+    ratio = seconds["select"] / seconds["fixed"]
+    return {**{f"{k}_s": v / turns for k, v in seconds.items()}, "ratio": ratio}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -187,7 +204,7 @@ def main() -> None:
         "--scale", type=float, default=1.0, help="multiply every size (e.g. 0.1 for a quick look)"
     )
     ap.add_argument("--domains", default=",".join(DOMAINNET), help="comma list")
-    ap.add_argument("--parts", default="grid,reference", help="comma list of: grid, reference")
+    ap.add_argument("--parts", default="grid,reference", help="comma list of: grid, reference, select")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument(
         "--root", type=Path, default=Path("bench-out/train"), help="where planted caches are kept"
@@ -247,6 +264,9 @@ def main() -> None:
                 if args.alone else None,
             }  # fmt: skip
             print(f"grid: {json.dumps(report['grid_total'])}", flush=True)
+        if "select" in parts:
+            report["select"] = select_cost(planted(args.root, "clipart", args.scale), seeds[0], device, out)
+            print(f"select: {json.dumps(report['select'])}", flush=True)
         if "reference" in parts:
             cache = planted(args.root, "quickdraw", args.scale)
             data = load_domain(cache, "quickdraw")
