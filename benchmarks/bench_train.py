@@ -9,13 +9,13 @@ Parts, each timed in the same run:
 - grid: six planted domains at DomainNet sizes (train list; half the test list as test, the other half
   as hold; 512-d, 345 classes), every method of pipelines/table2.toml that a planted cache can train
   (the *-tp methods need a CLIP text tower: benchmarks/bench_prompt.py) and ceiling-lp, three seeds,
-  step sizes selected as every command selects them (--no-select: the registry's). Per domain, the
+  the registry's step sizes (--select: chosen on held-out train rows). Per domain, the
   cells train stacked, as `cpl-cache run` trains them, and then one at a time through the same code
   (`cpl-cache train`'s path, the domain's tensors loaded once), in turns; the cache load is timed too,
   which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
   within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree between the two.
   `--no-alone` trains the stacks only (the README's table of accuracies).
-- select: clipart's cells of one seed with step sizes selected (the default) against fixed, in turns.
+- select: clipart's cells of one seed with step sizes selected (`--select`) against fixed, in turns.
 - reference: on quickdraw, the reference loop written the common way (public weak-to-strong code: a
   DataLoader over a TensorDataset, batch 100, Adam lr 1e-3, cosine schedule, 10 epochs, soft weak labels)
   against the `naive-lp` cell alone. Goal: naive-lp reaches its test accuracy in at most a fifth of its time.
@@ -141,7 +141,7 @@ def domain_grid(
     select: bool = True,
 ) -> dict:
     """One domain's cells stacked, then (with `alone`) one at a time; both timed, and their metrics
-    compared. `select`: step sizes selected on held-out train rows (the default of every command)."""
+    compared. `select`: step sizes selected on held-out train rows, as `--select` does."""
     load_s, data = timed(device, lambda: load_domain(cache, domain))
     dt = DomainTensors(data, device)
     _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train  # made once, outside both timings
@@ -182,7 +182,7 @@ def domain_grid(
 
 def select_cost(cache: Path, seed: int, device: str, out: Path, turns: int = 2) -> dict:
     """Clipart's stacked cells of one seed with their step sizes selected against the registry's fixed
-    ones, timed in turns: what selection, on by default, costs."""
+    ones, timed in turns: what `--select` costs."""
     dt = DomainTensors(load_domain(cache, "clipart"), device)
     _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train
     seconds: dict[str, float] = {"select": 0.0, "fixed": 0.0}
@@ -215,8 +215,8 @@ def main() -> None:
         help="also train every cell one at a time, to time stacking against it (--no-alone: the table only)",
     )  # fmt: skip
     ap.add_argument(
-        "--select", action=argparse.BooleanOptionalAction, default=True,
-        help="select each cell's step size on held-out train rows, as every command does by default",
+        "--select", action=argparse.BooleanOptionalAction, default=False,
+        help="select each cell's step size on held-out train rows, as `--select` does",
     )  # fmt: skip
     args = ap.parse_args()
     if args.threads:

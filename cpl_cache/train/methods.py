@@ -74,11 +74,12 @@ class Method:
 # 3,000-row mixture cache and the demo's ~300-row domains (README, "Planted caches"): five epochs, but at
 # least 500 steps (a 3,000-row domain got 15 steps from its five epochs, a 30,000-row one 150). The
 # linear head starts at random and takes a larger step than the prototypes, which start at the
-# zero-shot classifier. Every command selects the step size among `select_lr` on held-out train rows;
-# `lr` is what a run with selection off takes. No one step size suits every cache: on the planted
+# zero-shot classifier. `--select` chooses the step size among `select_lr` on held-out train rows, off
+# by default (see the README: on the demo it favours the step that imitates the weak model), and `lr`
+# is what a run takes without it. No one step size suits every cache: on the earlier planted
 # caches, prototypes trained on weak labels at 1e-3 memorise the weak model's mistakes (CPL 59% against
 # 71% at 3e-4, clipart size), while on the 64-d mixture cache 3e-4 leaves CPL below the weak model (45%
-# against 61% at 3e-3); the held-out agreement with the weak labels picks each one's. The confidence
+# against 61% at 3e-3), and the held-out agreement with the weak labels picks each one's. The confidence
 # losses need the linear head's larger step (at 0.03 it is still near uniform when their
 # self-training term ramps in, and AuxConf+LP falls to 12%).
 _LP = dict(
@@ -183,10 +184,8 @@ def resolve_hparams(
 
     `overrides` may set any key of HPARAMS and any constant of the (possibly overridden) loss; values
     are checked for type and range, and a problem is a UserError prefixed by `where`. The first dict is
-    what the results JSON records as `hparams`. With `select` (the default of every command), a method that
-    declares `select_lr` and is given no lr has lr None and `select_lr` listing the step sizes to choose
-    from (the results' `selection` says which was taken); a fixed lr (given, or the method's with select
-    off) is then among the differences, so that such a run never takes the selected run's name."""
+    what the results JSON records as `hparams`; with `select`, its lr is None and `select_lr` lists the
+    step sizes to choose from (the results' `selection` says which was taken)."""
     from cpl_cache.train.heads import get_head
 
     if not method.trains:
@@ -223,9 +222,11 @@ def resolve_hparams(
         "optimizer": "adamw",
         "schedule": "cosine",
     }
-    if select and method.select_lr and "lr" not in checked:
+    if select:
+        if "lr" in checked:
+            raise UserError(f"{where}lr is chosen by --select; drop one of them")
+        if not method.select_lr:
+            raise UserError(f"{where}{method.name} declares no step sizes to select among; drop --select")
         record["lr"], record["select_lr"] = None, list(method.select_lr)
     changed = {k: v for k, v in checked.items() if v != {**defaults, **constants}.get(k)}
-    if method.select_lr and "select_lr" not in record:  # a fixed step size where one is chosen by default
-        changed["lr"] = record["lr"]
     return record, changed

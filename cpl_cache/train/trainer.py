@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
-    select: bool = True  # choose the step size on a held-out slice of train (`select_lr`), unless lr is given
+    select: bool = False  # choose the step size on a held-out slice of train (`select_lr`)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Cell:
             for k in order
             if k in changed
         )
-        return cls(method, cfg.seed, hparams, name)
+        return cls(method, cfg.seed, hparams, name + ("+select" if "select_lr" in hparams else ""))
 
     def steps(self, n: int) -> int:
         """Optimiser steps on n train rows: max(min_steps, epochs x steps per epoch); none at 0 epochs."""
