@@ -357,7 +357,7 @@ SelectOpt = Annotated[
         "--select/--no-select",
         help="Choose the step size among the method's candidates: one run each on train less 10% held "
         "out, scored on that slice against the weak labels (the ceilings: its ground truth); the best run "
-        "is the result. About 2.6x the time of the method's fixed step size.",
+        "is the result. About 2.8x the time of the method's fixed step size.",
     ),
 ]
 
