@@ -46,10 +46,11 @@ readme-demo: demo ## Splice the demo's own table (demo/results/demo.md) into REA
 bench-cache: $(STAMP) ## Cache write/load benchmark against a flat numpy file (writes bench-results/cache.json)
 	$(OFFLINE) $(PY) benchmarks/bench_cache.py
 
-bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against one cell at a time, what --select costs, the README's table of accuracies, and the *-tp epochs beside cpl (bench-results/train.json, train-select.json, train-table.json, prompt.json)
+bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against one cell at a time, what --select costs, the README's table of accuracies, and the *-tp epochs beside cpl (bench-results/train.json, train-select.json, train-table.json, planted-lda.json, prompt.json)
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid,reference
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts select --seeds 0 --json bench-results/train-select.json
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid --no-alone --json bench-results/train-table.json
+	$(OFFLINE) $(PY) benchmarks/planted_lda.py
 	$(OFFLINE) $(PY) benchmarks/bench_prompt.py
 
 bench-extract: $(STAMP) ## Stage-one benchmark: decode, forward, whole extract (writes bench-results/extract.json)

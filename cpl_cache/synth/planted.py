@@ -18,9 +18,9 @@ ignore): at 5.0 isotropic, 6.0 nuisance (the earlier defaults), a linear classif
 story (LDA: class means and one shared covariance) fit on 33,525 rows reached 71% with ground truth and
 53% with the weak labels' argmax, below the weak model's 60%, and the probes trained on weak labels
 stayed below the weak model at three of DomainNet's six sizes with every recipe tried. With 4.0 and 7.0
-the same LDA reaches 92% and 80%, zero-shot stays at about 40% and the weak model at 60%. What the
-registry's defaults give on these caches, at every DomainNet size: README, "Planted caches" (kappa =
-100, the logit scale written to text.h5, as OpenAI's checkpoints have).
+the same LDA reaches 92% and 80% (`benchmarks/planted_lda.py`); zero-shot stays at about 40% and the
+weak model at 60%. What the registry's defaults give on these caches, at every DomainNet size: README,
+"Planted caches" (kappa = 100, the logit scale written to text.h5, as OpenAI's checkpoints have).
 """
 
 from __future__ import annotations
