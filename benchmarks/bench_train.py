@@ -138,16 +138,13 @@ def domain_grid(
     device: str,
     out: Path,
     alone: bool = True,
-    select: bool = True,
+    select: bool = False,
 ) -> dict:
     """One domain's cells stacked, then (with `alone`) one at a time; both timed, and their metrics
     compared. `select`: step sizes selected on held-out train rows, as `--select` does."""
     load_s, data = timed(device, lambda: load_domain(cache, domain))
-    dt = DomainTensors(data, device)
-    _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train  # made once, outside both timings
-    cells = [
-        Cell.of(TrainConfig(m, domain, cache, seed=s, select=select)) for s in seeds for m in grid_methods()
-    ]
+    dt = tensors(data, device)
+    cells = domain_cells(cache, domain, seeds, select)
     stacked_s, stacked = timed(device, lambda: train_cells(cells, dt, out / "stacked"))
     one_by_one, alone_s = [], 0.0
     for cell in cells if alone else []:
@@ -180,16 +177,30 @@ def domain_grid(
     }
 
 
+def tensors(data, device: str) -> DomainTensors:
+    """The domain's tensors on the device, made once, outside every timing."""
+    dt = DomainTensors(data, device)
+    _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train
+    return dt
+
+
+def domain_cells(cache: Path, domain: str, seeds: list[int], select: bool) -> list[Cell]:
+    return [
+        Cell.of(TrainConfig(m, domain, cache, seed=s, select=select)) for s in seeds for m in grid_methods()
+    ]
+
+
 def select_cost(cache: Path, seed: int, device: str, out: Path, turns: int = 2) -> dict:
     """Clipart's stacked cells of one seed with their step sizes selected against the registry's fixed
     ones, timed in turns: what `--select` costs."""
-    dt = DomainTensors(load_domain(cache, "clipart"), device)
-    _ = dt.x_train, dt.x_test, dt.weak_train, dt.truth_train
+    dt = tensors(load_domain(cache, "clipart"), device)
+    plans = {
+        key: domain_cells(cache, "clipart", [seed], select)
+        for key, select in (("fixed", False), ("select", True))
+    }
     seconds: dict[str, float] = {"select": 0.0, "fixed": 0.0}
     for _turn in range(turns):
-        for key, select in (("fixed", False), ("select", True)):
-            methods = grid_methods()
-            cells = [Cell.of(TrainConfig(m, "clipart", cache, seed=seed, select=select)) for m in methods]
+        for key, cells in plans.items():
             where = out / key
             seconds[key] += timed(device, lambda cells=cells, where=where: train_cells(cells, dt, where))[0]
     ratio = seconds["select"] / seconds["fixed"]

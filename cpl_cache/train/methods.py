@@ -58,7 +58,7 @@ class Method:
     weight_decay: float = 0.0
     loss_args: Mapping[str, float] = field(default_factory=dict)  # the loss's constants, if not its own
     curve_points: int = 10  # evaluations spread evenly over training, plus one before the first step
-    # Step sizes selection chooses among, on a slice of train held out (see trainer.select_and_train).
+    # Step sizes `--select` chooses among, on a slice of train held out (see trainer.select_and_train).
     select_lr: tuple[float, ...] = ()
 
     @property
