@@ -365,6 +365,14 @@ def test_select_chooses_the_step_size_on_held_out_train_rows(clean: Path, permut
     one_line_error(r, "lr is chosen by --select")
 
 
+def test_select_refuses_a_domain_with_one_train_row(tmp_path: Path):
+    write_planted_cache(tmp_path, dataclasses.replace(CLEAN, n_train=1, n_hold=2, n_test=5))
+    r = cli("train", "--method", "naive-lp", "--domain", DOMAIN, "--cache-dir", str(tmp_path), "--select",
+            "--out", str(tmp_path / "out"))  # fmt: skip
+    one_line_error(r, "1 train row(s): --select needs at least 2")
+    assert not (tmp_path / "out").exists()
+
+
 def _trained_head(cell, view):
     """The head `train_stack` trains for one cell on a view, rebuilt by the same steps (fit, same seed)."""
     from cpl_cache.train.heads import get_head

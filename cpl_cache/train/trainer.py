@@ -182,8 +182,8 @@ class HeldOut:
     usual. The selected head is the one reported: nothing is retrained."""
 
     def __init__(self, dt: DomainTensors, seed: int) -> None:
-        n = len(dt.train)
-        k = max(1, round(SELECT_HOLDOUT * n)) if n > 1 else 0
+        n = len(dt.train)  # at least 2: train_cells refuses fewer before any training
+        k = max(1, round(SELECT_HOLDOUT * n))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         self._dt, self._val, self._fit = dt, perm[:k].to(dt.device), perm[k:].to(dt.device)
         self.data, self.device, self.where = dt.data, dt.device, dt.where
@@ -393,12 +393,18 @@ def train_cells(
     for c in cells:
         if c.steps(1) and n == 0:
             raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
-    records: list[dict[str, Any] | None] = [None] * len(cells)
+        if "select_lr" in c.hparams and n < 2:
+            raise UserError(
+                f"{dt.where} has {n} train row(s): --select needs at least 2, one to hold out and one to "
+                "train on; drop --select or extract more train rows"
+            )
+    records: list[dict[str, Any]] = [{} for _ in cells]  # each position filled by its stack below
     # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which x86
     # CPUs process tens of times slower; flushing them to zero changes no result that matters. Only
     # while training: the caller's floating-point mode is left as it was found (off, torch's default).
     flush = dt.device == "cpu" and torch.set_flush_denormal(True)
     try:
+        selecting = [i for i, c in enumerate(cells) if "select_lr" in c.hparams]
         fixed = [i for i, c in enumerate(cells) if "select_lr" not in c.hparams]
         for stack in _stacks([cells[i] for i in fixed], n):
             positions = [fixed[j] for j in stack]
@@ -407,7 +413,6 @@ def train_cells(
                 records[i] = record
             if done is not None:
                 done(len(stack))
-        selecting = [i for i, c in enumerate(cells) if "select_lr" in c.hparams]
         if selecting:
             chosen = _write(select_and_train([cells[i] for i in selecting], dt), out)
             for i, record in zip(selecting, chosen, strict=True):
@@ -417,7 +422,7 @@ def train_cells(
     finally:
         if flush:
             torch.set_flush_denormal(False)
-    return [r for r in records if r is not None]
+    return records
 
 
 def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
