@@ -46,10 +46,11 @@ readme-demo: demo ## Splice the demo's own table (demo/results/demo.md) into REA
 bench-cache: $(STAMP) ## Cache write/load benchmark against a flat numpy file (writes bench-results/cache.json)
 	$(OFFLINE) $(PY) benchmarks/bench_cache.py
 
-bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against one cell at a time, what --select costs, the planted LDA figures, the *-tp epochs beside cpl (bench-results/train.json, train-select.json, planted-lda.json, prompt.json)
+bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against one cell at a time, what --select costs, the planted LDA figures, the mixture cache's table, the *-tp epochs beside cpl (bench-results/train.json, train-select.json, planted-lda.json, mixture.json, prompt.json)
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid,reference
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts select --seeds 0 --json bench-results/train-select.json
 	$(OFFLINE) $(PY) benchmarks/planted_lda.py
+	$(OFFLINE) $(PY) benchmarks/mixture_table.py
 	$(OFFLINE) $(PY) benchmarks/bench_prompt.py
 
 bench-table: $(STAMP) ## The README's planted table: the grid's stacks only, three seeds (bench-results/train-table.json)

@@ -254,6 +254,43 @@ def test_planted_cache_is_deterministic_and_hits_its_weak_accuracy(tmp_path):
         write_planted_cache(tmp_path / "a", cfg)
 
 
+def test_calibrated_scale_is_where_the_zero_shot_cross_entropy_is_least():
+    """The bisection's kappa against torch: autograd's derivative of the mean cross-entropy is zero
+    there, and a dense grid of scales finds nothing lower."""
+    import torch
+
+    from cpl_cache.synth.planted import calibrated_scale
+
+    rng = np.random.default_rng(3)
+    cos = rng.uniform(-0.3, 0.3, (400, 12))
+    labels = rng.integers(0, 12, 400)
+    cos[np.arange(400), labels] += 0.1  # the truth a little closer: a finite optimum
+    kappa = calibrated_scale(cos, labels)
+    c, y = torch.from_numpy(cos), torch.from_numpy(labels)
+    k = torch.tensor(kappa, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.cross_entropy(k * c, y).backward()
+    assert abs(k.grad.item()) < 1e-6
+    grid = torch.linspace(0.5 * kappa, 2 * kappa, 2001, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(g * c, y) for g in grid])
+    assert grid[nll.argmin()].item() == pytest.approx(kappa, rel=1e-3)
+
+
+def test_mixture_cache_rows_do_not_depend_on_its_logit_scale(tmp_path):
+    """The calibration's pretraining pairs are drawn apart from the rows: a cache at the calibrated
+    scale and one at 100 hold the same embeddings, weak logits and labels, and differ in kappa only.
+    The calibrated kappa is the one computed on those pairs, not the written default."""
+    from cpl_cache.synth.planted import MixtureConfig, write_mixture_cache
+
+    base = dict(domain="real", n_train=500, n_hold=50, n_test=200)
+    write_mixture_cache(tmp_path / "a", MixtureConfig(**base))
+    write_mixture_cache(tmp_path / "b", MixtureConfig(**base, logit_scale=100.0))
+    a, b = load_domain(tmp_path / "a", "real"), load_domain(tmp_path / "b", "real")
+    for field in ("image_embeds", "weak_logits", "labels"):
+        assert getattr(a, field).numpy().tobytes() == getattr(b, field).numpy().tobytes()
+    assert b.logit_scale == 100.0 and 8.0 < a.logit_scale < 16.0
+    assert read_manifest(tmp_path / "a", "real")["mixture"]["logit_scale"] == pytest.approx(a.logit_scale)
+
+
 def test_shard_files_are_only_visible_once_complete(tmp_path):
     """The writer lists a shard only after its final file is on disk and fully readable."""
     seen = []

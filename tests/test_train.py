@@ -388,19 +388,18 @@ def _trained_head(cell, view):
 
 
 def test_the_weak_model_is_beaten_on_an_independent_small_cache(tmp_path: Path):
-    """On a 3,000-row Gaussian-mixture cache (64-d, 20 classes; not the planted story): the linear probes
-    with the registry's defaults, CPL with its step size selected (at its default 3e-4 it stays below the
-    weak model there: docs/losses.md), each above the weak model; each ceiling above its head's methods."""
+    """On a 3,000-row Gaussian-mixture cache (64-d, 20 classes; not the planted story), every method at
+    the registry's defaults: the linear probes and CPL above the weak model, each ceiling above its
+    head's methods."""
     from cpl_cache.synth.planted import MixtureConfig, write_mixture_cache
     from cpl_cache.train.trainer import Cell, DomainTensors, train_cells
 
     write_mixture_cache(tmp_path / "cache", MixtureConfig(domain=DOMAIN))
     dt = DomainTensors(load_domain(tmp_path / "cache", DOMAIN), "cpu")
-    plan = [("weak", False), ("naive-lp", False), ("auxconf-lp", False), ("ceiling-lp", False)]
-    plan += [("cpl", True), ("ceiling", True)]
-    cells = [Cell.of(TrainConfig(m, DOMAIN, tmp_path / "cache", device="cpu", select=sel)) for m, sel in plan]
+    plan = ["weak", "naive-lp", "auxconf-lp", "ceiling-lp", "cpl", "ceiling"]
+    cells = [Cell.of(TrainConfig(m, DOMAIN, tmp_path / "cache", device="cpu")) for m in plan]
     acc = {r["base_method"]: r["metrics"]["test_acc"] for r in train_cells(cells, dt, tmp_path / "out")}
     weak = acc["weak"]
     assert 0.45 < weak < 0.55
-    assert acc["naive-lp"] > weak + 0.08 and acc["auxconf-lp"] > weak + 0.15 and acc["cpl"] > weak + 0.05
+    assert acc["naive-lp"] > weak + 0.08 and acc["auxconf-lp"] > weak + 0.15 and acc["cpl"] > weak + 0.08
     assert acc["ceiling-lp"] > max(acc["naive-lp"], acc["auxconf-lp"]) and acc["ceiling"] > acc["cpl"]

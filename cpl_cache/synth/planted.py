@@ -152,11 +152,13 @@ def write_synthetic_cache(
     seed: int,
     shard_size: int = 50_000,
     overwrite: bool = False,
+    logit_scale: float = LOGIT_SCALE,
     **manifest_extra: Any,
 ) -> dict[str, Any]:
     """Write a schema-1 domain of generated rows: `rows(m)` gives m rows' unit embeddings (m, D), weak
     logits (m, K) and labels (m,), drawn split by split in slices (memory stays bounded at DomainNet
-    sizes); `text` (K, D) are the class prototypes. Returns a few statistics."""
+    sizes); `text` (K, D) are the class prototypes, `logit_scale` the kappa written beside them. Returns
+    a few statistics."""
     ddir = domain_dir(cache_dir, domain)
     if (ddir / MANIFEST).exists():
         if not overwrite:
@@ -177,7 +179,7 @@ def write_synthetic_cache(
 
     writer = ShardWriter(ddir, dim=D, num_classes=K, shard_size=shard_size, on_shard=listed)
     write_manifest(ddir, manifest)
-    write_text(ddir, text, [f"a photo of a {c.replace('_', ' ')}." for c in classes], LOGIT_SCALE)
+    write_text(ddir, text, [f"a photo of a {c.replace('_', ' ')}." for c in classes], logit_scale)
     n_right = start = 0
     for name, n in counts.items():
         for lo in range(0, n, 50_000):
@@ -223,6 +225,16 @@ class MixtureConfig:
     weak_mean_noise: float = 0.5  # norm of the error in the means it classifies by
     weak_scale: float = 8.0  # its logits: weak_scale * cosine to each (rough) mean, in its view
     text_noise: float = 3.0
+    # kappa, the logit scale written to text.h5. None: the scale a CLIP would learn for this geometry
+    # (`calibrated_scale` on a pretraining sample of image-text pairs drawn apart from the cache's rows).
+    # A CLIP learns its scale with its embeddings, and it comes out calibrated: the demo's tiny CLIP
+    # learned 13.96 where the scale minimising its zero-shot cross-entropy on clipart's train rows is
+    # 13.91, and OpenAI's 100 is within 1.5x of that scale on the planted caches (66-68). Here, where
+    # isotropic 64-d noise spreads the cosines eight times wider than a CLIP's, the calibrated scale is
+    # 10-13; at 100 the zero-shot classifier is 90% confident and 31% right, no CLIP's pairing, and the
+    # prototypes must gather together before their softmax is as soft as the weak labels: CPL then
+    # stays below the weak model at every step size from 3e-5 to 2e-3 (docs/losses.md).
+    logit_scale: float | None = None
 
 
 def write_mixture_cache(
@@ -235,17 +247,45 @@ def write_mixture_cache(
     view = np.linalg.qr(rng.standard_normal((cfg.dim, cfg.weak_dim)))[0].astype(np.float32)  # (D, d)
     rough = _unit((means + _sphere_noise(rng, cfg.classes, cfg.dim, cfg.weak_mean_noise)) @ view)
 
+    def images(gen: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = gen.integers(0, cfg.classes, m)
+        return means[labels] + _sphere_noise(gen, m, cfg.dim, cfg.image_noise), labels
+
     def rows(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        labels = rng.integers(0, cfg.classes, m)
-        clean = means[labels] + _sphere_noise(rng, m, cfg.dim, cfg.image_noise)
+        clean, labels = images(rng, m)
         seen = _unit((clean + _sphere_noise(rng, m, cfg.dim, cfg.weak_noise)) @ view)
         return _unit(clean), np.float32(cfg.weak_scale) * seen @ rough.T, labels
 
+    kappa = cfg.logit_scale
+    if kappa is None:  # the pretraining pairs come from their own stream: the cache's rows do not move
+        clean, labels = images(np.random.default_rng((cfg.seed, 1)), 10_000)
+        kappa = calibrated_scale(_unit(clean) @ text.T, labels)
     return write_synthetic_cache(
         cache_dir, cfg.domain, text, {"train": cfg.n_train, "hold": cfg.n_hold, "test": cfg.n_test}, rows,
-        weak_id="mixture-weak", seed=cfg.seed, overwrite=overwrite,
-        mixture={k: v for k, v in cfg.__dict__.items() if k != "domain"},
+        weak_id="mixture-weak", seed=cfg.seed, overwrite=overwrite, logit_scale=kappa,
+        mixture={**{k: v for k, v in cfg.__dict__.items() if k != "domain"}, "logit_scale": kappa},
     )  # fmt: skip
+
+
+def calibrated_scale(cos: np.ndarray, labels: np.ndarray) -> float:
+    """The kappa > 0 that minimises the mean cross-entropy of softmax(kappa * cos) (N, K) at `labels`:
+    the zero-shot scale that a CLIP's contrastive training drives towards. The loss is convex in kappa,
+    its derivative mean_i(E_softmax[cos_i] - cos_i,y_i) rises through zero once, and bisection on log
+    kappa finds it (to 1e-6 relative; the ends, 1e-3 and 1e4, if it lies beyond them)."""
+    cos = cos.astype(np.float64)
+    at_label = cos[np.arange(len(labels)), labels]
+
+    def slope(kappa: float) -> float:
+        z = kappa * cos
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return float(np.mean((p * cos).sum(axis=1) - at_label))
+
+    lo, hi = np.log(1e-3), np.log(1e4)
+    while hi - lo > 1e-6:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(np.exp(mid)) < 0 else (lo, mid)
+    return float(np.exp(0.5 * (lo + hi)))
 
 
 def permute_ground_truth(ddir: Path, seed: int = 0) -> None:
