@@ -33,14 +33,21 @@ METHODS = [
     "ceiling-lp", "ceiling",
 ]  # fmt: skip
 DOMAIN = "clipart"
+VARIANTS = [("calibrated", None, False), ("kappa100", LOGIT_SCALE, False), ("select", None, True)]
 
 
-def mixture_accuracies(root: Path, seed: int, logit_scale: float | None) -> tuple[float, dict[str, float]]:
+def mixture_accuracies(
+    root: Path, seed: int, logit_scale: float | None, select: bool
+) -> tuple[float, dict[str, float]]:
     cache = root / f"mixture-{seed}-{logit_scale}"
-    write_mixture_cache(cache, MixtureConfig(domain=DOMAIN, seed=seed, logit_scale=logit_scale))
+    if not cache.exists():
+        write_mixture_cache(cache, MixtureConfig(domain=DOMAIN, seed=seed, logit_scale=logit_scale))
     data = load_domain(cache, DOMAIN)
-    cells = [Cell.of(TrainConfig(m, DOMAIN, cache, seed=seed, device="cpu")) for m in METHODS]
-    records = train_cells(cells, DomainTensors(data, "cpu"), root / f"out-{seed}-{logit_scale}")
+    cells = [
+        Cell.of(TrainConfig(m, DOMAIN, cache, seed=seed, device="cpu", select=select and m != "weak"))
+        for m in METHODS
+    ]
+    records = train_cells(cells, DomainTensors(data, "cpu"), root / f"out-{seed}-{logit_scale}-{select}")
     return data.logit_scale, {r["base_method"]: 100 * r["metrics"]["test_acc"] for r in records}
 
 
@@ -66,8 +73,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"cache": {**MixtureConfig().__dict__, "domain": DOMAIN}, "seeds": seeds, "methods": METHODS}
     with tempfile.TemporaryDirectory() as tmp:
-        for key, scale in (("calibrated", None), ("kappa100", LOGIT_SCALE)):
-            runs = [mixture_accuracies(Path(tmp), s, scale) for s in seeds]
+        for key, scale, select in VARIANTS:
+            runs = [mixture_accuracies(Path(tmp), s, scale, select) for s in seeds]
             out[key] = {
                 "logit_scale": [k for k, _ in runs],
                 "mean": {m: statistics.mean(a[m] for _, a in runs) for m in METHODS},
@@ -77,10 +84,10 @@ def main() -> None:
                 "per_seed": [a for _, a in runs],
             }
     out["planted_calibrated_scale"] = [planted_scale(s) for s in seeds]
-    print("| method | " + " | ".join(f"kappa {k}" for k in ("calibrated", "100")) + " |")
-    print("| --- | ---: | ---: |")
+    print("| method | calibrated kappa | kappa 100 | calibrated, --select |")
+    print("| --- | ---: | ---: | ---: |")
     for m in METHODS:
-        row = [f"{out[k]['mean'][m]:.1f} ± {out[k]['std'][m]:.1f}" for k in ("calibrated", "kappa100")]
+        row = [f"{out[k]['mean'][m]:.1f} ± {out[k]['std'][m]:.1f}" for k, _, _ in VARIANTS]
         print(f"| {m} | " + " | ".join(row) + " |")
     print("mixture calibrated scales:", ", ".join(f"{k:.2f}" for k in out["calibrated"]["logit_scale"]))
     print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -329,9 +330,10 @@ def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: P
 
 def test_select_chooses_the_step_size_on_held_out_train_rows(clean: Path, permuted: Path, tmp_path: Path):
     """`--select` trains one run per candidate step size on train less a held-out slice, scores each on that
-    slice and reports the best run as trained; a weak-supervised cell's choice reads weak labels only (the
-    same when train and hold ground truth is shuffled)."""
-    from cpl_cache.train.trainer import Cell, DomainTensors, HeldOut, train_stack
+    slice, and trains the best step size on all of train: that run, equal to the step size given outright,
+    is the result; a weak-supervised cell's choice reads weak labels only (the same when train and hold
+    ground truth is shuffled)."""
+    from cpl_cache.train.trainer import Cell, DomainTensors, HeldOut
 
     fast = {"epochs": 2, "batch_size": 128, "min_steps": 0}
     cfg = TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "a", 0, fast, "cpu", select=True)
@@ -344,14 +346,15 @@ def test_select_chooses_the_step_size_on_held_out_train_rows(clean: Path, permut
     assert sel["selected"] == {"lr": float(best)} and "weak labels" in sel["score"]
     again = run_training(dataclasses.replace(cfg, cache_dir=permuted, out=tmp_path / "b"))
     assert again["selection"] == sel and again["metrics"] == rec["metrics"]
-    # the reported run is the chosen trial: that step size trained on the 90% by hand, scored on the 10%
+    # the reported run is the chosen step size given outright, on all of train
     dt = DomainTensors(load_domain(clean, DOMAIN), "cpu")
+    outright = run_training(dataclasses.replace(cfg, overrides=dict(fast, lr=float(best)), select=False))
+    assert outright["metrics"] == rec["metrics"] and outright["curve"] == rec["curve"]
+    assert outright["steps"] == rec["steps"] == 2 * math.ceil(CLEAN.n_train / 128)
+    # each score is that step size trained on the 90% by hand, scored on the 10%
     view = HeldOut(dt, 0)
     held = torch.isin(dt.train, view.train, invert=True)
     assert int(held.sum()) == round(0.1 * CLEAN.n_train) == len(dt.train) - len(view.train)
-    fixed = Cell.of(TrainConfig("naive-lp", DOMAIN, clean, tmp_path, 0, dict(fast, lr=float(best)), "cpu"))
-    by_hand = train_stack([fixed], view)[0]
-    assert by_hand["metrics"] == rec["metrics"] and by_hand["curve"] == rec["curve"]
     weak_held = dt.weak_train[held].argmax(dim=1)
     for lr, score in sel["scores"].items():
         trial = Cell.of(TrainConfig("naive-lp", DOMAIN, clean, tmp_path, 0, dict(fast, lr=float(lr)), "cpu"))

@@ -177,9 +177,9 @@ class DomainTensors:
 
 class HeldOut:
     """A domain's train rows less a seeded slice (`val`), standing in for `DomainTensors` in `train_stack`
-    when step sizes are selected: heads fit the rest, are scored on the slice by agreement with its weak
-    labels (the ceilings only: its ground truth; never `hold` or `test`), and are evaluated on `test` as
-    usual. The selected head is the one reported: nothing is retrained."""
+    when step sizes are selected: heads fit the rest and are scored on the slice by agreement with its
+    weak labels (the ceilings only: its ground truth; never `hold` or `test`). The chosen step size is
+    then trained on all of train (`select_and_train`)."""
 
     def __init__(self, dt: DomainTensors, seed: int) -> None:
         n = len(dt.train)  # at least 2: train_cells refuses fewer before any training
@@ -436,34 +436,36 @@ def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
 def select_and_train(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str, Any]]:
     """For each cell, one trial per step size of its `select_lr`, trained on train less a seeded 10%
     (`HeldOut`) and scored on that slice (agreement with the weak labels; accuracy for the ceilings).
-    The best-scoring trial is the cell's result, as trained (on the other 90%) and evaluated on test;
-    its record keeps the cell's planned hparams (lr None, the candidates) and says what was chosen.
-    Every trial of one seed trains in the same stacks, on the same rows."""
+    The best-scoring step size then trains on all of train, as a cell given it outright would, and that
+    run is the cell's result; its record keeps the cell's planned hparams (lr None, the candidates) and
+    says what was chosen and each trial's score. Every trial of one seed trains in the same stacks, on
+    the same rows."""
     trials = [
         (i, lr, dataclasses.replace(c, hparams={**c.hparams, "lr": lr}, name=f"{c.name}@{lr:g}"))
         for i, c in enumerate(cells)
         for lr in c.hparams["select_lr"]
     ]
     scores: list[dict[float, float]] = [{} for _ in cells]
-    results: list[dict[float, dict[str, Any]]] = [{} for _ in cells]
     for seed in dict.fromkeys(c.seed for c in cells):
         view = HeldOut(dt, seed)
         runs = [t for t in trials if cells[t[0]].seed == seed]
         for stack in _stacks([t[2] for t in runs], len(view.train)):
             for j, record in zip(stack, train_stack([runs[j][2] for j in stack], view), strict=True):
                 i, lr, _ = runs[j]
-                scores[i][lr], results[i][lr] = record.pop("val_score"), record
-    chosen = []
-    for cell, by_lr, result in zip(cells, scores, results, strict=True):
-        best = max(by_lr, key=lambda lr: by_lr[lr])  # the first of equal scores
-        truth = cell.method.uses_ground_truth
-        chosen.append({**result[best], "method": cell.name, "hparams": cell.hparams, "selection": {
-            "selected": {"lr": best},
-            "scores": {f"{lr:g}": v for lr, v in by_lr.items()},
-            "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
-            "on": f"{SELECT_HOLDOUT:.0%} of train held out; the chosen head trained on the rest",
-        }})  # fmt: skip
-    return chosen
+                scores[i][lr] = record["val_score"]
+    best = [max(by_lr, key=lambda lr: by_lr[lr]) for by_lr in scores]  # the first of equal scores
+    final = [dataclasses.replace(c, hparams={**c.hparams, "lr": lr}) for c, lr in zip(cells, best, strict=True)]
+    records: list[dict[str, Any]] = [{} for _ in cells]
+    for stack in _stacks(final, len(dt.train)):
+        for i, record in zip(stack, train_stack([final[i] for i in stack], dt), strict=True):
+            truth = cells[i].method.uses_ground_truth
+            records[i] = {**record, "hparams": cells[i].hparams, "selection": {
+                "selected": {"lr": best[i]},
+                "scores": {f"{lr:g}": v for lr, v in scores[i].items()},
+                "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
+                "on": f"{SELECT_HOLDOUT:.0%} of train held out; the chosen step size then trained on all of train",
+            }}  # fmt: skip
+    return records
 
 
 def _write(records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
