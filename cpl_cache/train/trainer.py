@@ -454,7 +454,7 @@ def select_and_train(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str,
                 i, lr, _ = runs[j]
                 scores[i][lr] = record["val_score"]
     best = [max(by_lr, key=lambda lr: by_lr[lr]) for by_lr in scores]  # the first of equal scores
-    final = [dataclasses.replace(c, hparams={**c.hparams, "lr": lr}) for c, lr in zip(cells, best, strict=True)]
+    final = [dataclasses.replace(c, hparams={**c.hparams, "lr": b}) for c, b in zip(cells, best, strict=True)]
     records: list[dict[str, Any]] = [{} for _ in cells]
     for stack in _stacks(final, len(dt.train)):
         for i, record in zip(stack, train_stack([final[i] for i in stack], dt), strict=True):
@@ -463,7 +463,7 @@ def select_and_train(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str,
                 "selected": {"lr": best[i]},
                 "scores": {f"{lr:g}": v for lr, v in scores[i].items()},
                 "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
-                "on": f"{SELECT_HOLDOUT:.0%} of train held out; the chosen step size then trained on all of train",
+                "on": f"{SELECT_HOLDOUT:.0%} of train held out; the chosen step size then trains on all of it",
             }}  # fmt: skip
     return records
 
