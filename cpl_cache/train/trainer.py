@@ -463,7 +463,7 @@ def select_and_train(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str,
                 "selected": {"lr": best[i]},
                 "scores": {f"{lr:g}": v for lr, v in scores[i].items()},
                 "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
-                "on": f"{SELECT_HOLDOUT:.0%} of train held out; the chosen step size then trains on all of it",
+                "on": f"{SELECT_HOLDOUT:.0%} of train held out, then the chosen step size on all of train",
             }}  # fmt: skip
     return records
 
