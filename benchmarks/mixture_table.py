@@ -15,8 +15,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from cpl_cache.cache import load_domain
 from cpl_cache.synth.planted import (
     LOGIT_SCALE,
@@ -56,11 +54,9 @@ def planted_scale(seed: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = PlantedConfig(domain=DOMAIN, n_train=10_000, n_hold=1, n_test=1, seed=seed)
         write_planted_cache(tmp, cfg)
-        data = load_domain(Path(tmp), DOMAIN)
-        rows = data.rows("train")
-        x = data.image_embeds[rows].float().numpy()
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        return calibrated_scale(x @ data.text_embeds.numpy().T, data.labels[rows].numpy())
+        dt = DomainTensors(load_domain(Path(tmp), DOMAIN), "cpu")
+        cos = (dt.x_train @ dt.data.text_embeds.T).numpy()
+        return calibrated_scale(cos, dt.data.labels[dt.train].numpy())
 
 
 def main() -> None:
