@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install test lint demo readme-demo bench-cache bench-train bench-table bench-extract reproduce-table2 reproduce-table6 clean
+.PHONY: help install test lint demo readme-demo bench-cache bench-train bench-table bench-regret bench-extract reproduce-table2 reproduce-table6 clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -34,9 +34,11 @@ lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff format --check cpl_cache tests benchmarks
 
 DEMO_DIR ?= demo
+# How each trained cell's step size and stopping point are chosen: hold (default), weak or none.
+SELECT ?= hold
 
 demo: $(STAMP) ## The main job on built-in synthetic data and tiny models: synth, train-weak, extract, the grid, table, plot
-	$(OFFLINE) $(PY) -m cpl_cache demo --out $(DEMO_DIR)
+	$(OFFLINE) $(PY) -m cpl_cache demo --out $(DEMO_DIR) --select $(SELECT)
 
 readme-demo: demo ## Splice the demo's own table (demo/results/demo.md) into README.md
 	$(PY) -c 'import pathlib; t = pathlib.Path("$(DEMO_DIR)/results/demo.md").read_text(); \
@@ -56,6 +58,9 @@ bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against o
 bench-table: $(STAMP) ## The README's planted table: the grid's stacks only, three seeds (bench-results/train-table.json)
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid --no-alone --json bench-results/train-table.json
 
+bench-regret: $(STAMP) ## Tuning regret of every Table 2 method on the zoo of caches, per selection protocol (bench-results/regret.json)
+	$(OFFLINE) $(CLI) bench-regret --out bench-results/regret.json
+
 bench-extract: $(STAMP) ## Stage-one benchmark: decode, forward, whole extract (writes bench-results/extract.json)
 	$(OFFLINE) $(PY) benchmarks/bench_extract.py
 
@@ -70,7 +75,7 @@ WEAK_DIR ?= checkpoints/weak
 reproduce-table2: $(STAMP) ## Table 2 from DomainNet: train-weak and extract where missing, the grid, table, plots
 	$(CLI) reproduce pipelines/table2.toml --data-root $(DATA_ROOT) \
 		--strong $(STRONG) --weak-model $(WEAK) --weak-dir $(WEAK_DIR) --cache-dir $(CACHE_DIR) \
-		--results $(RESULTS) --device $(DEVICE)
+		--results $(RESULTS) --device $(DEVICE) --select $(SELECT)
 
 OFFICEHOME_ROOT ?= data/officehome
 OFFICEHOME_CACHE_DIR ?= cache-officehome
@@ -82,7 +87,8 @@ OFFICEHOME_WEAK_DIR ?= checkpoints/weak-officehome
 reproduce-table6: $(STAMP) ## Table 6 from Office-Home: train-weak and extract where missing, the grid, table, plots
 	$(CLI) reproduce pipelines/table6.toml --dataset officehome --data-root "$(OFFICEHOME_ROOT)" \
 		--strong $(STRONG) --weak-model $(WEAK) --weak-dir "$(OFFICEHOME_WEAK_DIR)" \
-		--cache-dir "$(OFFICEHOME_CACHE_DIR)" --results "$(OFFICEHOME_RESULTS)" --device $(DEVICE)
+		--cache-dir "$(OFFICEHOME_CACHE_DIR)" --results "$(OFFICEHOME_RESULTS)" --device $(DEVICE) \
+		--select $(SELECT)
 
 clean: ## Remove the venv and generated outputs
 	rm -rf $(VENV) $(DEMO_DIR) bench-out

@@ -9,13 +9,13 @@ Parts, each timed in the same run:
 - grid: six planted domains at DomainNet sizes (train list; half the test list as test, the other half
   as hold; 512-d, 345 classes), every method of pipelines/table2.toml that a planted cache can train
   (the *-tp methods need a CLIP text tower: benchmarks/bench_prompt.py) and ceiling-lp, three seeds,
-  the registry's step sizes (--select: chosen on held-out train rows). Per domain, the
-  cells train stacked, as `cpl-cache run` trains them, and then one at a time through the same code
+  the registry's fixed values (--select none, the anchor) or a protocol (--select hold or weak). Per
+  domain, the cells train stacked, as `cpl-cache run` trains them, and then one at a time through the same code
   (`cpl-cache train`'s path, the domain's tensors loaded once), in turns; the cache load is timed too,
   which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
   within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree between the two.
   `--no-alone` trains the stacks only (the README's table of accuracies).
-- select: clipart's cells of one seed with step sizes selected (`--select`) against fixed, in turns.
+- select: clipart's cells of one seed under --select hold against --select none, in turns.
 - reference: on quickdraw, the reference loop written the common way (public weak-to-strong code: a
   DataLoader over a TensorDataset, batch 100, Adam lr 1e-3, cosine schedule, 10 epochs, soft weak labels)
   against the `naive-lp` cell alone. Goal: naive-lp reaches its test accuracy in at most a fifth of its time.
@@ -138,10 +138,10 @@ def domain_grid(
     device: str,
     out: Path,
     alone: bool = True,
-    select: bool = False,
+    select: str = "none",
 ) -> dict:
     """One domain's cells stacked, then (with `alone`) one at a time; both timed, and their metrics
-    compared. `select`: step sizes selected on held-out train rows, as `--select` does."""
+    compared. `select`: the protocol that chooses each cell's candidates (`--select`)."""
     load_s, data = timed(device, lambda: load_domain(cache, domain))
     dt = tensors(data, device)
     cells = domain_cells(cache, domain, seeds, select)
@@ -169,10 +169,10 @@ def domain_grid(
         "test_acc": {m: sum(a) / len(a) for m, a in rows.items()},
         "test_acc_std": {m: statistics.stdev(a) if len(a) > 1 else 0.0 for m, a in rows.items()},
         "flags": {f"{r['method']}-seed{r['seed']}": r["flags"] for r in stacked if r["flags"]},
-        "selected_lr": {
-            f"{r['method']}-seed{r['seed']}": r["selection"]["selected"]["lr"]
+        "chosen": {
+            f"{r['method']}-seed{r['seed']}": r["selection"]["chosen"]
             for r in stacked
-            if "selection" in r
+            if "chosen" in (r.get("selection") or {})
         },
     }
 
@@ -184,19 +184,19 @@ def tensors(data, device: str) -> DomainTensors:
     return dt
 
 
-def domain_cells(cache: Path, domain: str, seeds: list[int], select: bool) -> list[Cell]:
+def domain_cells(cache: Path, domain: str, seeds: list[int], select: str) -> list[Cell]:
     return [
         Cell.of(TrainConfig(m, domain, cache, seed=s, select=select)) for s in seeds for m in grid_methods()
     ]
 
 
 def select_cost(cache: Path, seed: int, device: str, out: Path, turns: int = 2) -> dict:
-    """Clipart's stacked cells of one seed with their step sizes selected against the registry's fixed
-    ones, timed in turns: what `--select` costs."""
+    """Clipart's stacked cells of one seed under the default protocol (`hold`) against the registry's
+    fixed values (`none`), timed in turns: what selection costs."""
     dt = tensors(load_domain(cache, "clipart"), device)
     plans = {
         key: domain_cells(cache, "clipart", [seed], select)
-        for key, select in (("fixed", False), ("select", True))
+        for key, select in (("fixed", "none"), ("select", "hold"))
     }
     seconds: dict[str, float] = {"select": 0.0, "fixed": 0.0}
     for _turn in range(turns):
@@ -226,8 +226,8 @@ def main() -> None:
         help="also train every cell one at a time, to time stacking against it (--no-alone: the table only)",
     )  # fmt: skip
     ap.add_argument(
-        "--select", action=argparse.BooleanOptionalAction, default=False,
-        help="select each cell's step size on held-out train rows, as `--select` does",
+        "--select", choices=["hold", "weak", "none"], default="none",
+        help="how each cell's candidates are chosen (`--select`); none: the fixed values, the timing anchor",
     )  # fmt: skip
     args = ap.parse_args()
     if args.threads:

@@ -31,20 +31,17 @@ METHODS = [
     "ceiling-lp", "ceiling",
 ]  # fmt: skip
 DOMAIN = "clipart"
-VARIANTS = [("calibrated", None, False), ("kappa100", LOGIT_SCALE, False), ("select", None, True)]
+VARIANTS = [("calibrated", None, "none"), ("kappa100", LOGIT_SCALE, "none"), ("select", None, "weak")]
 
 
 def mixture_accuracies(
-    root: Path, seed: int, logit_scale: float | None, select: bool
+    root: Path, seed: int, logit_scale: float | None, select: str
 ) -> tuple[float, dict[str, float]]:
     cache = root / f"mixture-{seed}-{logit_scale}"
     if not cache.exists():
         write_mixture_cache(cache, MixtureConfig(domain=DOMAIN, seed=seed, logit_scale=logit_scale))
     data = load_domain(cache, DOMAIN)
-    cells = [
-        Cell.of(TrainConfig(m, DOMAIN, cache, seed=seed, device="cpu", select=select and m != "weak"))
-        for m in METHODS
-    ]
+    cells = [Cell.of(TrainConfig(m, DOMAIN, cache, seed=seed, device="cpu", select=select)) for m in METHODS]
     records = train_cells(cells, DomainTensors(data, "cpu"), root / f"out-{seed}-{logit_scale}-{select}")
     return data.logit_scale, {r["base_method"]: 100 * r["metrics"]["test_acc"] for r in records}
 

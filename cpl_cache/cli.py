@@ -352,12 +352,13 @@ def methods_cmd() -> None:
 
 
 SelectOpt = Annotated[
-    bool,
+    str,
     typer.Option(
-        "--select/--no-select",
-        help="Choose the step size among the method's candidates: one run each on train less 10% held "
-        "out, scored on that slice against the weak labels (the ceilings: its ground truth); the best step "
-        "size then trains on all of train. About 3.9x the time of the method's fixed step size.",
+        "--select",
+        help="How each trained cell's step size (and other declared candidates) and stopping point are "
+        "chosen: hold (accuracy on the hold rows' ground truth, every candidate at every checkpoint), "
+        "weak (agreement with the weak labels of 10% of train held out) or none (the registry's fixed "
+        "values). Test rows are never read before the choice.",
     ),
 ]
 
@@ -400,7 +401,7 @@ def train_cmd(
             "(e.g. --set tau=4 --set min_steps=2000; see `cpl-cache methods`).",
         ),
     ] = None,
-    select: SelectOpt = False,
+    select: SelectOpt = "hold",
     device: DeviceOpt = "auto",
     out: Annotated[Path, typer.Option(help="Results folder; writes OUT/DOMAIN/METHOD-seedN.json.")] = Path(
         "results"
@@ -472,7 +473,7 @@ def run_cmd(
     seeds: SeedsOpt = None,
     methods: Annotated[str | None, typer.Option(help="Only these methods (comma list).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over the cells.")] = True,
-    select: SelectOpt = False,
+    select: SelectOpt = "hold",
 ) -> None:
     """Train every cell (domain x method x seed) of a grid from the cache; cells with results are skipped."""
     from cpl_cache.pipeline import PipelineConfig, run_pipeline
@@ -484,6 +485,32 @@ def run_cmd(
         progress=progress, select=select,
     )  # fmt: skip
     typer.echo(run_pipeline(cfg).line())
+
+
+@command("bench-regret")
+def bench_regret_cmd(
+    caches: Annotated[
+        str | None, typer.Option(help="Zoo caches (comma list; default: the whole zoo, see --half).")
+    ] = None,
+    half: Annotated[str | None, typer.Option(help="Only the zoo's tune or judge half.")] = None,
+    out: Annotated[Path, typer.Option(help="The JSON report.")] = Path("bench-results/regret.json"),
+    scale: Annotated[float, typer.Option(help="Row counts times this (small for a quick look).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the caches and the runs.")] = 0,
+) -> None:
+    """Tuning regret: every Table 2 method on every zoo cache under hold, weak and none, against the best
+    test accuracy of a broad sweep (a diagnostic, never used by a protocol); prints the table."""
+    from cpl_cache.regret import RegretConfig, format_table, run_regret
+    from cpl_cache.synth.zoo import zoo_names
+
+    check_seed(seed)
+    if half is not None and half not in ("tune", "judge"):
+        raise UserError(f"--half must be tune or judge, got {half!r}")
+    if not scale > 0:
+        raise UserError(f"--scale must be a number > 0, got {scale}")
+    names = _names(caches, "caches") or tuple(zoo_names(half))
+    report = run_regret(RegretConfig(caches=names, out=out, seed=seed, scale=scale))
+    typer.echo(format_table(report))
+    typer.echo(f"bench-regret: {len(names)} cache(s) in {report['seconds']:.0f} s -> {out}")
 
 
 @command("table")
@@ -562,6 +589,7 @@ def reproduce_cmd(
     ),
     device: DeviceOpt = "auto",
     seeds: SeedsOpt = None,
+    select: SelectOpt = "hold",
 ) -> None:
     """Images to table: train-weak and extract where missing, then the grid, the table and the plots."""
     from cpl_cache.reproduce import ReproduceConfig, reproduce
@@ -570,6 +598,7 @@ def reproduce_cmd(
     cfg = ReproduceConfig(
         pipeline=pipeline, data_root=data_root, strong=strong, weak_model=weak_model, weak_dir=weak_dir,
         cache_dir=cache_dir, results=results, dataset=dataset, device=device, seeds=_seeds(seeds),
+        select=select,
     )  # fmt: skip
     out = reproduce(cfg)
     typer.echo(out["table"])
@@ -585,6 +614,7 @@ def demo_cmd(
         Path, typer.Option(help="Grid file (the demo's: Table 2's grid with enough steps for ~300 rows).")
     ] = Path("pipelines/demo.toml"),
     device: DeviceOpt = "cpu",
+    select: SelectOpt = "hold",
 ) -> None:
     """The whole pipeline on synthetic DomainNet-layout images and tiny models: offline, minutes on a CPU."""
     import torch
@@ -611,7 +641,7 @@ def demo_cmd(
         pipeline=pipeline, data_root=out / "domainnet", strong=str(out / "models" / "clip-tiny"),
         weak_model=str(out / "models" / "resnet-tiny"), weak_dir=out / "weak", cache_dir=out / "cache",
         results=out / "results", device=device, weak_epochs=DEMO_WEAK_EPOCHS, weak_batch_size=DEMO_WEAK_BATCH,
-        weak_workers=DEMO_WEAK_WORKERS,
+        weak_workers=DEMO_WEAK_WORKERS, select=select,
     )  # fmt: skip
     res = reproduce(cfg)
     typer.echo(res["table"])
@@ -624,7 +654,7 @@ def demo_cmd(
 # `cpl-cache --help` lists the commands in the order a user meets them, not the order of this file.
 COMMAND_ORDER = (
     "synth", "train-weak", "extract", "info", "methods", "train", "run", "table", "plot", "reproduce", "demo",
-    "synth-cache",
+    "synth-cache", "bench-regret",
 )  # fmt: skip
 app.registered_commands.sort(
     key=lambda c: COMMAND_ORDER.index(c.name) if c.name in COMMAND_ORDER else len(COMMAND_ORDER)

@@ -254,7 +254,7 @@ class PipelineConfig:
     seeds: tuple[int, ...] | None = None
     methods: tuple[str, ...] | None = None
     progress: bool = True
-    select: bool = False  # choose each trained cell's step size on a held-out slice of train
+    select: str = "hold"  # how each trained cell's candidates are chosen: hold, weak or none
 
 
 @dataclass

@@ -213,8 +213,11 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
     acc: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     caches: dict[str, set[str]] = defaultdict(set)
     flagged: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)  # (method, domain) -> runs
+    protocols: dict[str, set[str]] = defaultdict(set)  # method -> how its runs chose their point
     for rec in records:
         acc[rec["method"]][rec["domain"]][rec["seed"]] = 100.0 * float(rec["metrics"]["test_acc"])
+        if selection_protocol(rec) is not None:
+            protocols[rec["method"]].add(selection_protocol(rec))
         if run_flags(rec):
             run = {"domain": rec["domain"], "method": rec["method"], "seed": rec["seed"]}
             flagged[rec["method"], rec["domain"]].append({**run, "flags": run_flags(rec)})
@@ -259,7 +262,7 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
             pgr["avg"] = statistics.fmean(defined) if defined else None
         row = {
             "method": m, "label": method_label(m), "kind": method_kind(m), "cells": cells, "pgr": pgr,
-            "flagged": row_flagged,
+            "flagged": row_flagged, "select": sorted(protocols.get(m, ())),
         }  # fmt: skip
         rows.append({**row, "best": []})
 
@@ -286,6 +289,8 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
         "where the ceiling equals the weak.",
         "Bold: the best weak-supervised result of each column.",
     ]
+    if any(r["select"] for r in rows):
+        notes.append(_selection_note(rows))
     if any(c is not None and c["n"] < max_n for r in rows for k, c in r["cells"].items() if k != "avg"):
         notes.append("†: fewer seeds than other cells of the table.")
     all_flagged = [run for r in rows for run in r["flagged"]]
@@ -326,6 +331,33 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
         "notes": notes,
         "warnings": warnings,
     }
+
+
+PROTOCOL_TEXT = {
+    "hold": "hold (step size and stopping point by accuracy on the hold rows' ground truth)",
+    "weak": "weak (by agreement with the weak labels of train rows held out)",
+    "none": "none (the registry's fixed values)",
+}
+
+
+def selection_protocol(rec: dict[str, Any]) -> str | None:
+    """How a run chose its reported point: hold, weak or none; None for a method that trains nothing.
+    A record from before selection was recorded trained the fixed values."""
+    sel = rec.get("selection")
+    if isinstance(sel, dict) and "protocol" in sel:
+        return sel["protocol"]
+    return None if rec.get("hparams", {}).get("loss") is None and rec.get("steps", 0) == 0 else "none"
+
+
+def _selection_note(rows: list[dict[str, Any]]) -> str:
+    """Which protocol chose each trained row's numbers: one line when they all agree."""
+    trained = [r for r in rows if r["select"]]
+    kinds = {p for r in trained for p in r["select"]}
+    if len(kinds) <= 1 and all(len(r["select"]) == 1 for r in trained):
+        what = PROTOCOL_TEXT.get(next(iter(kinds)), next(iter(kinds)))
+        return f"Selection of every trained row: {what}; test rows never read before the choice."
+    per = "; ".join(f"{r['label']}: {', '.join(r['select'])}" for r in trained)
+    return f"Selection differs between rows (hold, weak or none; a row listing two mixes them): {per}."
 
 
 def _flagged_line(run: dict[str, Any]) -> str:
@@ -372,7 +404,7 @@ def to_csv(table: dict[str, Any]) -> str:
     header = ["method", "label", "kind"]
     for c in cols:
         header += [c, f"{c}_std", f"{c}_n"]
-    header += ["pgr", "best", "flags"]
+    header += ["pgr", "best", "flags", "select"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -383,6 +415,7 @@ def to_csv(table: dict[str, Any]) -> str:
             row += [num(cell["mean"]), num(cell["std"]), str(cell["n"])] if cell else ["", "", ""]
         row += [num(r["pgr"]["avg"] if r["pgr"] else None), ";".join(r["best"])]
         row.append(" | ".join(_flagged_line(run) for run in r["flagged"]))
+        row.append(";".join(r["select"]))
         w.writerow(row)
     return buf.getvalue()
 

@@ -41,6 +41,7 @@ class ReproduceConfig:
     workers: int | None = None
     seeds: tuple[int, ...] | None = None
     progress: bool = True
+    select: str = "hold"  # how each cell's candidates and stopping point are chosen (hold, weak, none)
 
 
 def _say(msg: str) -> None:
@@ -117,7 +118,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     grid = load_grid(cfg.pipeline)
     grid_run = PipelineConfig(
         pipeline=cfg.pipeline, cache_dir=cfg.cache_dir, results=cfg.results, device=cfg.device,
-        seeds=cfg.seeds, progress=cfg.progress,
+        seeds=cfg.seeds, progress=cfg.progress, select=cfg.select,
     )  # fmt: skip
     plan(grid_run)  # every cell's settings checked before hours of extraction
     dataset = cfg.dataset or grid.dataset or "domainnet"

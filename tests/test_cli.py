@@ -151,7 +151,7 @@ def _param(command: str, name: str):
 
 def test_commands_are_listed_in_the_order_a_user_meets_them():
     want = ["synth", "train-weak", "extract", "info", "methods", "train", "run", "table", "plot", "reproduce",
-            "demo", "synth-cache"]  # fmt: skip
+            "demo", "synth-cache", "bench-regret"]  # fmt: skip
     group = typer.main.get_command(app)
     assert group.list_commands(None) == want
     res = CliRunner().invoke(app, ["--help"])

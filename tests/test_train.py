@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cpl_cache.cache import SPLIT_CODES, load_domain
 from cpl_cache.cli import app
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.methods import METHODS
-from cpl_cache.train.trainer import TrainConfig, predict, resolve, result_path, run_training
+from cpl_cache.train.trainer import TrainConfig, resolve, result_path, run_training
 
 DOMAIN = "clipart"
 # Clean strong features (small image noise) and a weak supervisor right half the time.
@@ -52,12 +51,14 @@ def permuted(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def train(cache: Path, method: str, out: Path, **kw) -> dict:
+def train(cache: Path, method: str, out: Path, select: str = "none", **kw) -> dict:
+    """A short run of `method`, by default at its fixed values (`--select none`)."""
     m = METHODS[method]
-    fast = {**FAST, **({"lr": FAST_LR[m.head]} if FAST_LR[m.head] else {})} if m.trains else {}
+    fast = {**FAST, **({"lr": FAST_LR[m.head]} if m.trains and FAST_LR[m.head] and select == "none" else {})}
     seed = kw.pop("seed", 0)
     return run_training(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, out=out, device="cpu",
-                                    seed=seed, overrides={**fast, **kw}))  # fmt: skip
+                                    seed=seed, overrides={**(fast if m.trains else {}), **kw},
+                                    select=select))  # fmt: skip
 
 
 def test_weak_and_zeroshot_equal_their_definitions(clean: Path, tmp_path: Path):
@@ -73,12 +74,14 @@ def test_weak_and_zeroshot_equal_their_definitions(clean: Path, tmp_path: Path):
     assert zero["weak_agreement"] == pytest.approx((zs == w).double().mean().item(), abs=1e-7)
 
 
+@pytest.mark.parametrize("select", ["none", "weak"])
 @pytest.mark.parametrize("method", PLANTED)
 def test_ground_truth_of_train_and_hold_is_read_by_ceilings_only(
-    method: str, clean: Path, permuted: Path, tmp_path: Path
+    method: str, select: str, clean: Path, permuted: Path, tmp_path: Path
 ):
-    a = train(clean, method, tmp_path / "a")
-    b = train(permuted, method, tmp_path / "b")
+    """Without hold selection, nothing but a ceiling reads the ground truth of train or hold rows."""
+    a = train(clean, method, tmp_path / "a", select=select)
+    b = train(permuted, method, tmp_path / "b", select=select)
     if method in CEILINGS:
         assert b["metrics"]["test_acc"] < a["metrics"]["test_acc"] - 0.1  # trained on shuffled truth
     else:
@@ -104,7 +107,7 @@ def test_strong_students_beat_the_weak_supervisor_on_clean_features(method: str,
 
 def test_results_file_and_curve(clean: Path, tmp_path: Path):
     rec = train(clean, "cpl", tmp_path)
-    name = "cpl+epochs=8+min_steps=0+batch_size=128"  # the overrides of FAST are part of the name
+    name = "cpl+epochs=8+min_steps=0+batch_size=128+select=none"  # overrides and protocol join the name
     path = result_path(tmp_path, DOMAIN, name, 0)
     assert path == tmp_path / DOMAIN / f"{name}-seed0.json" and rec["path"] == str(path)
     on_disk = json.loads(path.read_text())
@@ -326,68 +329,6 @@ def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: P
 
 
 # ------------------------------------------------------------------------------------ selection
-
-
-def test_select_chooses_the_step_size_on_held_out_train_rows(clean: Path, permuted: Path, tmp_path: Path):
-    """`--select` trains one run per candidate step size on train less a held-out slice, scores each on that
-    slice, and trains the best step size on all of train: that run, equal to the step size given outright,
-    is the result; a weak-supervised cell's choice reads weak labels only (the same when train and hold
-    ground truth is shuffled)."""
-    from cpl_cache.train.trainer import Cell, DomainTensors, HeldOut
-
-    fast = {"epochs": 2, "batch_size": 128, "min_steps": 0}
-    cfg = TrainConfig("naive-lp", DOMAIN, clean, tmp_path / "a", 0, fast, "cpu", select=True)
-    rec = run_training(cfg)
-    sel = rec["selection"]
-    assert rec["method"] == "naive-lp+epochs=2+min_steps=0+batch_size=128+select"
-    assert rec["hparams"]["lr"] is None and rec["hparams"]["select_lr"] == list(METHODS["naive-lp"].select_lr)
-    assert list(sel["scores"]) == [f"{lr:g}" for lr in METHODS["naive-lp"].select_lr]
-    best = max(sel["scores"], key=sel["scores"].get)
-    assert sel["selected"] == {"lr": float(best)} and "weak labels" in sel["score"]
-    again = run_training(dataclasses.replace(cfg, cache_dir=permuted, out=tmp_path / "b"))
-    assert again["selection"] == sel and again["metrics"] == rec["metrics"]
-    # the reported run is the chosen step size given outright, on all of train
-    dt = DomainTensors(load_domain(clean, DOMAIN), "cpu")
-    outright = run_training(dataclasses.replace(cfg, overrides=dict(fast, lr=float(best)), select=False))
-    assert outright["metrics"] == rec["metrics"] and outright["curve"] == rec["curve"]
-    assert outright["steps"] == rec["steps"] == 2 * math.ceil(CLEAN.n_train / 128)
-    # each score is that step size trained on the 90% by hand, scored on the 10%
-    view = HeldOut(dt, 0)
-    held = torch.isin(dt.train, view.train, invert=True)
-    assert int(held.sum()) == round(0.1 * CLEAN.n_train) == len(dt.train) - len(view.train)
-    weak_held = dt.weak_train[held].argmax(dim=1)
-    for lr, score in sel["scores"].items():
-        trial = Cell.of(TrainConfig("naive-lp", DOMAIN, clean, tmp_path, 0, dict(fast, lr=float(lr)), "cpu"))
-        head = _trained_head(trial, view)
-        assert score == (predict(head, dt.x_train[held]) == weak_held).float().mean().item()
-    ceiling = run_training(dataclasses.replace(cfg, method="ceiling-lp", out=tmp_path / "d"))
-    assert "ground truth" in ceiling["selection"]["score"]
-    r = cli(
-        "train", "--method", "cpl", "--domain", DOMAIN, "--cache-dir", str(clean), "--select", "--lr", "0.1"
-    )
-    one_line_error(r, "lr is chosen by --select")
-
-
-def test_select_refuses_a_domain_with_one_train_row(tmp_path: Path):
-    write_planted_cache(tmp_path, dataclasses.replace(CLEAN, n_train=1, n_hold=2, n_test=5))
-    r = cli("train", "--method", "naive-lp", "--domain", DOMAIN, "--cache-dir", str(tmp_path), "--select",
-            "--out", str(tmp_path / "out"))  # fmt: skip
-    one_line_error(r, "1 train row(s): --select needs at least 2")
-    assert not (tmp_path / "out").exists()
-
-
-def _trained_head(cell, view):
-    """The head `train_stack` trains for one cell on a view, rebuilt by the same steps (fit, same seed)."""
-    from cpl_cache.train.heads import get_head
-    from cpl_cache.train.trainer import fit
-
-    head = get_head(cell.hparams["head"])(view.data, torch.Generator().manual_seed(cell.seed))
-    steps = cell.steps(len(view.train))
-    hp = cell.hparams
-    fit([head], [cell.loss_fn()], [view.targets(cell.method)], view.x_train,
-        [{"lr": hp["lr"], "weight_decay": hp["weight_decay"]}], steps, hp["batch_size"],
-        torch.Generator().manual_seed(cell.seed))  # fmt: skip
-    return head
 
 
 def test_the_weak_model_is_beaten_on_an_independent_small_cache(tmp_path: Path):

@@ -54,10 +54,11 @@ def permuted(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def train(cache: Path, method: str, out: Path, **kw) -> dict:
+def train(cache: Path, method: str, out: Path, select: str = "none", **kw) -> dict:
+    """A short run at the method's fixed values (`--select none`; test_select.py covers selection)."""
     fast = FAST if METHODS[method].trains else {}
     return run_training(TrainConfig(method=method, domain=DOMAIN, cache_dir=cache, out=out, device="cpu",
-                                    overrides={**fast, **kw}))  # fmt: skip
+                                    overrides={**fast, **kw}, select=select))  # fmt: skip
 
 
 def test_the_untrained_prompt_head_gives_the_zero_shot_logits(cache: Path):

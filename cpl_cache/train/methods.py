@@ -58,8 +58,10 @@ class Method:
     weight_decay: float = 0.0
     loss_args: Mapping[str, float] = field(default_factory=dict)  # the loss's constants, if not its own
     curve_points: int = 10  # evaluations spread evenly over training, plus one before the first step
-    # Step sizes `--select` chooses among, on a slice of train held out (see trainer.select_and_train).
-    select_lr: tuple[float, ...] = ()
+    # What selection (`--select hold` or `weak`, cpl_cache.train.select) chooses among: every combination
+    # of these values (step size, weight decay, a loss constant) is one candidate, each scored at every
+    # checkpoint of its run. `--select none` trains the fixed values above.
+    candidates: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def trains(self) -> bool:
@@ -70,33 +72,37 @@ class Method:
         return self.targets == "truth"
 
 
-# Chosen on planted caches of 33,525 and 120,750 train rows (512-d, 345 classes) and checked on a
-# 3,000-row mixture cache and the demo's ~300-row domains (README, "Planted caches"): five epochs, but at
+# Fixed values (`--select none`) chosen on planted caches of 33,525 and 120,750 train rows (512-d, 345
+# classes) and checked on a 3,000-row mixture cache and the demo's ~300-row domains: five epochs, but at
 # least 500 steps (a 3,000-row domain got 15 steps from its five epochs, a 30,000-row one 150). The
 # linear head starts at random and takes a larger step than the prototypes, which start at the
-# zero-shot classifier and stay near it at 3e-4: on the demo, where the weak model's logits are nearly
-# a function of the CLIP embedding, prototypes at 1e-3 learn its mistakes (CPL 44% against 79% at 3e-4
-# on clipart, weak 61%). `--select` chooses the step size among `select_lr` on held-out train rows, off
-# by default (README: held-out agreement with the weak labels favours that imitation on the demo), and
-# `lr` is what a run takes without it. The confidence losses need the linear head's larger step (at
-# 0.03 it is still near uniform when their self-training term ramps in, and AuxConf+LP falls to 12%).
+# zero-shot classifier. No one step size suits every cache (docs/losses.md), so by default each method
+# chooses among its `candidates`, log grids of five step sizes spanning 100x around the fixed one, and
+# the checkpoints of each run, by accuracy on the hold rows (`--select hold`, cpl_cache.train.select).
+# The ceilings also choose their weight decay, as CLIP_benchmark's probe does, and KD its temperature:
+# at T = 1 its gradient is soft cross-entropy's, so kd-lp would repeat naive-lp row for row.
+_LP_LR = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+_PROTO_LR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 _LP = dict(
     head="linear", epochs=5, min_steps=500, lr=1e-1, batch_size=1024, weight_decay=1e-4,
-    select_lr=(3e-2, 1e-1, 3e-1),
+    candidates={"lr": _LP_LR},
 )  # fmt: skip
+_LP_TRUTH = {**_LP, "candidates": {"lr": _LP_LR, "weight_decay": (0.0, 1e-3, 1e-2, 1e-1)}}
 _PROTO = dict(
     head="proto", epochs=5, min_steps=500, lr=3e-4, batch_size=1024, weight_decay=0.0,
-    select_lr=(3e-4, 1e-3, 3e-3),
+    candidates={"lr": _PROTO_LR},
 )  # fmt: skip
-_PROTO_TRUTH = {**_PROTO, "lr": 1e-3, "select_lr": (3e-4, 1e-3, 3e-3)}
+_PROTO_TRUTH = {**_PROTO, "lr": 1e-3, "candidates": {"lr": _PROTO_LR, "weight_decay": (0.0, 1e-1)}}
 # The text-prompt head (CoOp) trains a few context vectors through the frozen text encoder. As with the
 # prototypes, a step that suits ground truth (2e-3, CoOp's) memorises weak labels: on the demo's tiny
 # CLIP, Naive+TP falls from zero-shot's 75% to 40% at 2e-3 and stays at 77% at 2e-4 (clipart, seed 0).
+_TP_LR = (2e-5, 6e-5, 2e-4, 6e-4, 2e-3)
 _TP = dict(
     head="prompt", epochs=10, lr=2e-4, batch_size=1024, weight_decay=0.0, min_steps=200,
-    select_lr=(6e-5, 2e-4, 6e-4),
+    candidates={"lr": _TP_LR},
 )  # fmt: skip
-_TP_TRUTH = {**_TP, "lr": 2e-3, "select_lr": (6e-4, 2e-3, 6e-3)}
+_TP_TRUTH = {**_TP, "lr": 2e-3, "candidates": {"lr": (2e-4, 6e-4, 2e-3, 6e-3, 2e-2)}}
+_KD_T = (1.0, 2.0, 4.0)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -115,10 +121,15 @@ METHODS: dict[str, Method] = {
             "strong ceiling: linear probe on ground truth",
             loss="hard",
             targets="truth",
-            **_LP,
+            **_LP_TRUTH,
         ),
         Method("naive-lp", "linear probe, cross-entropy to softmax(weak)", loss="soft", **_LP),
-        Method("kd-lp", "linear probe, KD from the weak logits", loss="kd", **_LP),
+        Method(
+            "kd-lp",
+            "linear probe, KD from the weak logits",
+            loss="kd",
+            **{**_LP, "candidates": {"lr": _LP_LR, "T": _KD_T}},
+        ),
         Method("auxconf-lp", "linear probe, auxiliary confidence loss", loss="auxconf", **_LP),
         Method("augconf-lp", "linear probe, augmented confidence loss", loss="augconf", **_LP),
         Method("adaptconf-lp", "linear probe, adaptive confidence loss", loss="adaptconf", **_LP),
@@ -175,17 +186,36 @@ def _check(key: str, value: Any, spec: HParam, where: str) -> Any:
     return value
 
 
+# How a run's reported point is chosen (cpl_cache.train.select): by accuracy on the hold rows' ground
+# truth (the default), by agreement with the weak labels on a slice of train the candidates did not fit,
+# or not at all (the fixed values). A run name carries a protocol other than the default.
+PROTOCOLS = ("hold", "weak", "none")
+DEFAULT_PROTOCOL = "hold"
+# Settings that may take a list of candidates: those that change neither the head, the step count nor
+# the batches, so that every candidate of a cell trains in one stack.
+CANDIDATE_KEYS = ("lr", "weight_decay")
+
+
+def check_protocol(select: Any, where: str = "") -> str:
+    if select not in PROTOCOLS:
+        raise UserError(f"{where}--select must be one of {', '.join(PROTOCOLS)}, got {select!r}")
+    return select
+
+
 def resolve_hparams(
-    method: Method, overrides: Mapping[str, Any], where: str = "", *, select: bool = False
+    method: Method, overrides: Mapping[str, Any], where: str = "", *, select: str = DEFAULT_PROTOCOL
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The hyperparameters a run of `method` uses, and the overrides that differ from its defaults.
 
     `overrides` may set any key of HPARAMS and any constant of the (possibly overridden) loss; values
-    are checked for type and range, and a problem is a UserError prefixed by `where`. The first dict is
-    what the results JSON records as `hparams`; with `select`, its lr is None and `select_lr` lists the
-    step sizes to choose from (the results' `selection` says which was taken)."""
+    are checked for type and range, and a problem is a UserError prefixed by `where`. A list of values
+    for lr, weight_decay or a loss constant is a list of candidates, which `select` ("hold" or "weak")
+    chooses among; a single value pins that setting. The first dict is what the results JSON records as
+    `hparams`: under selection each candidate setting is None in its place and its values are listed in
+    `candidates` (the results' `selection` says which were taken)."""
     from cpl_cache.train.heads import get_head
 
+    check_protocol(select, where)
     if not method.trains:
         if overrides:
             raise UserError(
@@ -206,11 +236,29 @@ def resolve_hparams(
         )
     defaults = {k: getattr(method, k) for k in HPARAMS}
     constants.update(method.loss_args if loss == method.loss else {})
-    checked = {}
+    checked: dict[str, Any] = {}
+    listed: dict[str, tuple[Any, ...]] = {}
     for key, value in overrides.items():
         kind = int if type(constants.get(key)) is int else float
         spec = HPARAMS.get(key) or HParam(kind, f"a constant of the loss {loss}")
-        checked[key] = _check(key, value, spec, where)
+        if isinstance(value, (list, tuple)):
+            if key not in CANDIDATE_KEYS and key not in constants:
+                raise UserError(
+                    f"{where}{key} takes one value; lists of candidates are for "
+                    f"{', '.join([*CANDIDATE_KEYS, *constants])}"
+                )
+            if not value:
+                raise UserError(f"{where}{key} lists no candidates; give at least one, e.g. {key} = [0.1]")
+            if select == "none":
+                raise UserError(
+                    f"{where}{key} lists candidates, which --select none does not choose among; "
+                    "give one value or use --select hold"
+                )
+            values = tuple(dict.fromkeys(_check(key, v, spec, where) for v in value))
+            listed[key] = values
+            checked[key] = list(values)
+        else:
+            checked[key] = _check(key, value, spec, where)
     get_head(checked.get("head", method.head))
     record = {
         **{k: checked.get(k, v) for k, v in defaults.items()},
@@ -219,12 +267,20 @@ def resolve_hparams(
         "curve_points": method.curve_points,
         "optimizer": "adamw",
         "schedule": "cosine",
+        "select": select,
     }
-    if select:
-        if "lr" in checked:
-            raise UserError(f"{where}lr is chosen by --select; drop one of them")
-        if not method.select_lr:
-            raise UserError(f"{where}{method.name} declares no step sizes to select among; drop --select")
-        record["lr"], record["select_lr"] = None, list(method.select_lr)
+    if select != "none":
+        # Another loss may lack a constant this method chooses (cpl with loss=soft has no T to choose).
+        own = {k: v for k, v in method.candidates.items() if k in record or k in record["loss_args"]}
+        grid = {k: tuple(v) for k, v in own.items() if k not in checked}  # a single value pins its key
+        grid.update(listed)
+        record["candidates"] = {k: list(v) for k, v in grid.items()}
+        for key in grid:
+            if key in record["loss_args"]:
+                record["loss_args"][key] = None
+            else:
+                record[key] = None
     changed = {k: v for k, v in checked.items() if v != {**defaults, **constants}.get(k)}
+    if select != DEFAULT_PROTOCOL:
+        changed["select"] = select
     return record, changed

@@ -19,9 +19,9 @@ are a paired comparison (same initialisation, same batch order), whatever else t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +37,8 @@ from cpl_cache.errors import UserError
 from cpl_cache.runtime import check_seed
 from cpl_cache.train.heads import PROMPT_INIT, get_head
 from cpl_cache.train.losses import get_loss
-from cpl_cache.train.methods import HPARAMS, Method, get_method, resolve_hparams
+from cpl_cache.train.methods import DEFAULT_PROTOCOL, HPARAMS, Method, get_method, resolve_hparams
+from cpl_cache.train.select import HoldScore, SliceView, choose, selection_record, trials
 
 if TYPE_CHECKING:
     from cpl_cache.cache import CachedDomain
@@ -63,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
-    select: bool = False  # choose the step size on a held-out slice of train (`select_lr`)
+    select: str = DEFAULT_PROTOCOL  # hold, weak or none: how candidates are chosen (cpl_cache.train.select)
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,10 @@ class Cell:
     def of(cls, cfg: TrainConfig) -> Cell:
         check_seed(cfg.seed, "seed")
         method = get_method(cfg.method)
-        hparams, changed = resolve_hparams(method, dict(cfg.overrides), select=cfg.select and method.trains)
-        order = [*HPARAMS, *hparams.get("loss_args", {})]
-        name = method.name + "".join(
-            f"+{k}={changed[k]:g}" if isinstance(changed[k], float) else f"+{k}={changed[k]}"
-            for k in order
-            if k in changed
-        )
-        return cls(method, cfg.seed, hparams, name + ("+select" if "select_lr" in hparams else ""))
+        hparams, changed = resolve_hparams(method, dict(cfg.overrides), select=cfg.select)
+        order = [*HPARAMS, *hparams.get("loss_args", {}), "select"]
+        name = method.name + "".join(f"+{k}={_show(changed[k])}" for k in order if k in changed)
+        return cls(method, cfg.seed, hparams, name)
 
     def steps(self, n: int) -> int:
         """Optimiser steps on n train rows: max(min_steps, epochs x steps per epoch); none at 0 epochs."""
@@ -101,6 +98,13 @@ class Cell:
 
     def loss_fn(self) -> Callable[[Tensor, Tensor, float], Tensor]:
         return partial(get_loss(self.hparams["loss"]), **self.hparams["loss_args"])
+
+
+def _show(value: Any) -> str:
+    """A setting as a run name shows it: 0.001 as 0.001, a list of candidates as 0.001,0.01."""
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def resolve(cfg: TrainConfig) -> Cell:
@@ -137,7 +141,7 @@ class DomainTensors:
         self.data, self.device = data, device
         self.where = where or f"the cache of {data.manifest.get('domain')}"
         check_domain(data, self.where)
-        self.train, self.test = data.rows("train"), data.rows("test")
+        self.train, self.test, self.hold = data.rows("train"), data.rows("test"), data.rows("hold")
         self.y_test = data.labels[self.test].to(device)  # the only ground truth a weak-supervised run reads
         self.weak_test = data.weak_logits[self.test].argmax(dim=1).to(device)
         K = data.num_classes
@@ -159,6 +163,19 @@ class DomainTensors:
         return self._embeds(self.test)
 
     @cached_property
+    def x_hold(self) -> Tensor:
+        return self._embeds(self.hold)
+
+    @cached_property
+    def y_hold(self) -> Tensor:
+        """Ground truth of the hold rows: read by `--select hold` only, to score candidates."""
+        y = self.data.labels[self.hold].to(self.device)
+        K = self.data.num_classes
+        if bool((y < 0).any() or (y >= K).any()):
+            raise UserError(f"hold labels of {self.where} fall outside 0..{K - 1}; re-extract the cache")
+        return y
+
+    @cached_property
     def weak_train(self) -> Tensor:
         return self.data.weak_logits.index_select(0, self.train).to(self.device)
 
@@ -173,40 +190,6 @@ class DomainTensors:
 
     def targets(self, method: Method) -> Tensor:
         return self.truth_train if method.uses_ground_truth else self.weak_train
-
-
-class HeldOut:
-    """A domain's train rows less a seeded slice (`val`), standing in for `DomainTensors` in `train_stack`
-    when step sizes are selected: heads fit the rest and are scored on the slice by agreement with its
-    weak labels (the ceilings only: its ground truth; never `hold` or `test`). The chosen step size is
-    then trained on all of train (`select_and_train`)."""
-
-    def __init__(self, dt: DomainTensors, seed: int) -> None:
-        n = len(dt.train)  # at least 2: train_cells refuses fewer before any training
-        k = max(1, round(SELECT_HOLDOUT * n))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        self._dt, self._val, self._fit = dt, perm[:k].to(dt.device), perm[k:].to(dt.device)
-        self.data, self.device, self.where = dt.data, dt.device, dt.where
-        self.train = dt.train[perm[k:]]
-        self.x_train, self.weak_train = dt.x_train[self._fit], dt.weak_train[self._fit]
-        self.x_test, self.y_test, self.weak_test = dt.x_test, dt.y_test, dt.weak_test
-        self.x_val, self.weak_val = dt.x_train[self._val], dt.weak_train[self._val].argmax(dim=1)
-
-    @cached_property
-    def truth_train(self) -> Tensor:
-        return self._dt.truth_train[self._fit]
-
-    @cached_property
-    def y_val(self) -> Tensor:
-        return self._dt.truth_train[self._val].argmax(dim=1)
-
-    def targets(self, method: Method) -> Tensor:
-        return self.truth_train if method.uses_ground_truth else self.weak_train
-
-    def score(self, head: nn.Module, method: Method) -> float:
-        """What selection maximises: agreement with the slice's weak labels (ceilings: accuracy)."""
-        reference = self.y_val if method.uses_ground_truth else self.weak_val
-        return (predict(head, self.x_val) == reference).float().mean().item()
 
 
 @torch.no_grad()
@@ -284,75 +267,118 @@ def health(pred_test: Tensor, finite: bool, head: nn.Module | None, num_classes:
     return flags
 
 
-def train_stack(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str, Any]]:
-    """Train (or evaluate) cells that share a head kind, a step count, a batch size and a seed, as one
-    stack, and return each one's record (not yet written)."""
-    device, cache = dt.device, dt.data
-    seed = cells[0].seed
-    steps = cells[0].steps(len(dt.train))
+@dataclass
+class Trace:
+    """One trained head: its parameters at each checkpoint (step 0 first) and, when it is a candidate,
+    how many of the scoring rows it got right there."""
+
+    trial: Cell
+    head: nn.Module | None
+    steps: list[int]
+    snapshots: list[list[Tensor]]
+    scores: list[int] | None
+    finite: bool = True
+    seconds: float = 0.0
+
+    def load(self, k: int) -> nn.Module:
+        """The head with its parameters as at checkpoint k."""
+        with torch.no_grad():
+            for p, saved in zip(_trained(self.head), self.snapshots[k], strict=True):
+                p.copy_(saved)
+        return self.head
+
+
+def _trained(head: nn.Module) -> list[nn.Parameter]:
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+def checkpoints(cell: Cell, steps: int) -> list[int]:
+    """The steps at which a run is scored and its curve drawn: step 0 and `curve_points` more, evenly."""
+    points = cell.hparams["curve_points"]
+    return sorted({round(i * steps / points) for i in range(points + 1)})
+
+
+def train_stack(
+    trials: Sequence[Cell], view: Any, steps: int, scorers: Sequence[Callable[..., int] | None]
+) -> list[Trace]:
+    """Train trials (cells with every setting fixed) that share a head kind, a step count, a batch size
+    and a seed as one stack on `view`'s train rows, saving each head's parameters at every checkpoint
+    and scoring it there with its scorer (None: not scored)."""
+    device, cache = view.device, view.data
+    seed = trials[0].seed
     t0 = time.perf_counter()
-    if cells[0].hparams["head"] is None:  # the weak supervisor itself
-        return [_record(c, dt, dt.weak_test, 1.0, [], None, []) for c in cells]
     # Every head of a seed starts from the same draw, and every stack of a seed sees the same batches.
     heads = [
-        get_head(c.hparams["head"])(cache, torch.Generator().manual_seed(seed)).to(device) for c in cells
+        get_head(c.hparams["head"])(cache, torch.Generator().manual_seed(seed)).to(device) for c in trials
     ]
-    probe = torch.randperm(len(dt.train), generator=torch.Generator().manual_seed(seed))[:CURVE_TRAIN_ROWS]
-    x_probe = dt.x_train[probe.to(device)]
-    weak_probe = dt.weak_train[probe.to(device)].argmax(dim=1)
-    curves: list[list[dict[str, Any]]] = [[] for _ in cells]
-    preds: list[Tensor] = [dt.weak_test for _ in cells]
-    probe_acc: list[float | None] = [None for _ in cells]
+    at = checkpoints(trials[0], steps) if steps else [0]
+    traces = [
+        Trace(c, h, [], [], [] if s is not None else None)
+        for c, h, s in zip(trials, heads, scorers, strict=True)
+    ]
 
     def evaluate(step: int) -> None:
-        for h, head in enumerate(heads):
-            preds[h] = predict(head, dt.x_test)
-            agree = (predict(head, x_probe) == weak_probe).float().mean().item() if len(probe) else None
-            probe_acc[h] = agree
-            test_acc = (preds[h] == dt.y_test).float().mean().item()
-            curves[h].append({"step": step, "train_acc": agree, "test_acc": test_acc})
+        for tr, scorer in zip(traces, scorers, strict=True):
+            tr.steps.append(step)
+            tr.snapshots.append([p.detach().clone() for p in _trained(tr.head)])
+            if scorer is not None:
+                tr.scores.append(scorer(tr.head, tr.trial.method))
 
     if steps:
-        hp = cells[0].hparams
-        points = hp["curve_points"]
         finite = fit(
-            heads, [c.loss_fn() for c in cells], [dt.targets(c.method) for c in cells], dt.x_train,
-            [{"lr": c.hparams["lr"], "weight_decay": c.hparams["weight_decay"]} for c in cells],
-            steps, hp["batch_size"], torch.Generator().manual_seed(seed), evaluate,
-            {round(i * steps / points) for i in range(points + 1)},
+            heads, [c.loss_fn() for c in trials], [view.targets(c.method) for c in trials], view.x_train,
+            [{"lr": c.hparams["lr"], "weight_decay": c.hparams["weight_decay"]} for c in trials],
+            steps, trials[0].hparams["batch_size"], torch.Generator().manual_seed(seed), evaluate, set(at),
         ).tolist()  # fmt: skip
     else:
         evaluate(0)
-        finite, curves = [True] * len(cells), [[] for _ in cells]
-    seconds = (time.perf_counter() - t0) / len(cells)
-    names = [c.name for c in cells]
-    records = [
-        _record(c, dt, preds[h], probe_acc[h], curves[h], heads[h], health(
-            preds[h], finite[h], heads[h], cache.num_classes
-        ), seconds=seconds, steps=steps, stack=names)
-        for h, c in enumerate(cells)
-    ]  # fmt: skip
-    if isinstance(dt, HeldOut):  # a selection trial: its score on the held-out slice
-        for record, head, c in zip(records, heads, cells, strict=True):
-            record["val_score"] = dt.score(head, c.method)
-    return records
+        finite = [True] * len(trials)
+    seconds = (time.perf_counter() - t0) / len(trials)
+    for tr, ok in zip(traces, finite, strict=True):
+        tr.finite, tr.seconds = bool(ok), seconds
+    return traces
 
 
 def _record(
     cell: Cell,
     dt: DomainTensors,
-    pred_test: Tensor,
-    train_acc: float | None,
-    curve: list[dict[str, Any]],
-    head: nn.Module | None,
-    flags: list[str],
+    trace: Trace | None,
+    pick: int,
     *,
-    seconds: float = 0.0,
-    steps: int = 0,
+    budget: int = 0,
     stack: list[str] | None = None,
+    seconds: float = 0.0,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A cell's result from its chosen trace at checkpoint `pick`: test accuracy there and the curve of
+    the whole run (train agreement on a fixed sample of train rows, test accuracy), read only now."""
     hp = cell.hparams
-    extra = {}
+    head = None if trace is None else trace.head
+    curve: list[dict[str, Any]] = []
+    train_acc: float | None = 1.0
+    if head is None:  # the weak supervisor itself
+        pred_test = dt.weak_test
+    else:
+        probe = torch.randperm(len(dt.train), generator=torch.Generator().manual_seed(cell.seed))
+        probe = probe[:CURVE_TRAIN_ROWS].to(dt.device)
+        x_probe, weak_probe = dt.x_train[probe], dt.weak_train[probe].argmax(dim=1)
+        pred_test, train_acc = None, None
+        for k, step in enumerate(trace.steps if budget else []):
+            trace.load(k)
+            agree = (predict(head, x_probe) == weak_probe).float().mean().item() if len(probe) else None
+            pred = predict(head, dt.x_test)
+            curve.append(
+                {"step": step, "train_acc": agree, "test_acc": (pred == dt.y_test).float().mean().item()}
+            )
+            if k == pick:
+                pred_test, train_acc = pred, agree
+        if pred_test is None:  # no curve: the head as it starts
+            trace.load(pick)
+            pred_test = predict(head, dt.x_test)
+            train_acc = (predict(head, x_probe) == weak_probe).float().mean().item() if len(probe) else None
+        trace.load(pick)  # health reads the chosen parameters
+    flags = [] if head is None else health(pred_test, trace.finite, head, dt.data.num_classes)
+    extra: dict[str, Any] = {}
     if hp["head"] == "prompt" and head is not None:  # how the context was set up: fixed per head
         extra["head_config"] = {"n_ctx": head.n_ctx, "init": PROMPT_INIT}
     return {
@@ -364,7 +390,8 @@ def _record(
         "seed": cell.seed,
         "hparams": hp,
         **extra,
-        "steps": steps,
+        "steps": 0 if trace is None or not budget else trace.steps[pick],
+        "budget": budget,
         "metrics": {
             "test_acc": (pred_test == dt.y_test).float().mean().item(),
             "weak_agreement": (pred_test == dt.weak_test).float().mean().item(),
@@ -372,8 +399,9 @@ def _record(
         },
         "flags": flags,
         "curve": curve,
-        "seconds": seconds,  # the stack's wall time over its cells
+        "seconds": seconds,  # its trials' share of their stack's wall time
         "stack": stack or [cell.name],
+        "selection": selection or {"protocol": "none" if budget else None},
         "device": dt.device,
         "cache": dt.data.identity(),
     }
@@ -384,45 +412,126 @@ def stack_key(cell: Cell, n: int) -> tuple[Any, ...]:
     return (cell.hparams["head"], cell.steps(n), cell.hparams.get("batch_size"), cell.seed)
 
 
+def protocol_of(cell: Cell, dt: DomainTensors) -> str | None:
+    """How a cell's result is chosen on this domain: its `select`, except that `hold` falls back to
+    `weak` on a cache without labelled hold rows (said once by `train_cells`); None: it trains nothing."""
+    if not cell.method.trains or cell.steps(len(dt.train)) == 0:
+        return None if not cell.method.trains else "none"
+    select = cell.hparams.get("select", "none")
+    return "weak" if select == "hold" and len(dt.hold) == 0 else select
+
+
 def train_cells(
     cells: Sequence[Cell], dt: DomainTensors, out: Path, done: Callable[[int], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Train every cell on one domain, stacked by `stack_key`, writing each record as its stack ends;
-    returns the records in the order of `cells`. Cells that select their step size train as trials."""
+    """Train every cell on one domain, writing each record as soon as it is final; returns the records
+    in the order of `cells`. All candidates of a domain's cells that share `stack_key` train as one
+    stack on all of train (`--select weak`: on train less a slice first, then the chosen on all)."""
     n = len(dt.train)
-    for c in cells:
+    protocols = [protocol_of(c, dt) for c in cells]
+    for c, p in zip(cells, protocols, strict=True):
         if c.steps(1) and n == 0:
             raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
-        if "select_lr" in c.hparams and n < 2:
+        if p == "weak" and n < 2:
             raise UserError(
-                f"{dt.where} has {n} train row(s): --select needs at least 2, one to hold out and one to "
-                "train on; drop --select or extract more train rows"
+                f"{dt.where} has {n} train row(s): --select weak needs at least 2, one to hold out and one "
+                "to train on; use --select none or extract more train rows"
             )
-    records: list[dict[str, Any]] = [{} for _ in cells]  # each position filled by its stack below
+    fallback = None
+    if any(p == "weak" and c.hparams.get("select") == "hold" for c, p in zip(cells, protocols, strict=True)):
+        fallback = f"{dt.where} has no labelled hold rows, so candidates are scored as --select weak does"
+        print(f"note: {fallback}", file=sys.stderr)
+    records: list[dict[str, Any]] = [{} for _ in cells]
+
+    def finish(i: int, record: dict[str, Any]) -> None:
+        records[i] = _write([record], out)[0]
+
     # Softmax of confident logits and Adam's squared gradients underflow to subnormal floats, which x86
     # CPUs process tens of times slower; flushing them to zero changes no result that matters. Only
     # while training: the caller's floating-point mode is left as it was found (off, torch's default).
     flush = dt.device == "cpu" and torch.set_flush_denormal(True)
     try:
-        selecting = [i for i, c in enumerate(cells) if "select_lr" in c.hparams]
-        fixed = [i for i, c in enumerate(cells) if "select_lr" not in c.hparams]
-        for stack in _stacks([cells[i] for i in fixed], n):
-            positions = [fixed[j] for j in stack]
-            stack_records = _write(train_stack([cells[i] for i in positions], dt), out)
-            for i, record in zip(positions, stack_records, strict=True):
-                records[i] = record
+        for i, c in enumerate(cells):  # weak and zeroshot: nothing to train
+            if protocols[i] is None or (protocols[i] == "none" and c.steps(n) == 0):
+                trace = None
+                if c.hparams["head"] is not None:
+                    (trace,) = train_stack([c], dt, 0, [None])
+                finish(i, _record(c, dt, trace, 0, stack=[c.name]))
+                if done is not None:
+                    done(1)
+        todo = [i for i in range(len(cells)) if records[i] == {}]
+        hold = HoldScore(dt) if any(protocols[i] == "hold" for i in todo) else None
+        # First pass: on all of train (hold, none) and on the slices (weak), every trial of a cell in
+        # one stack. The weak cells' chosen trials then train on all of train in a second pass.
+        first = [i for i in todo if protocols[i] != "weak"]
+        for stack in _stacks([cells[i] for i in first], n):
+            _run(cells, [first[j] for j in stack], dt, dt, hold, finish, done)
+        weak = [i for i in todo if protocols[i] == "weak"]
+        chosen: dict[int, tuple[Cell, dict[str, Any], int]] = {}
+        for seed in dict.fromkeys(cells[i].seed for i in weak):
+            view = SliceView(dt, seed)
+            mine = [i for i in weak if cells[i].seed == seed]
+            for stack in _stacks([cells[i] for i in mine], n):
+                _run(cells, [mine[j] for j in stack], view, dt, view, chosen.__setitem__, None)
+        for stack in _stacks([chosen[i][0] for i in weak], n):
+            group = [weak[j] for j in stack]
+            trial_cells = [chosen[i][0] for i in group]
+            traces = train_stack(trial_cells, dt, trial_cells[0].steps(n), [None] * len(group))
+            names = list(dict.fromkeys(cells[i].name for i in group))
+            for i, tr in zip(group, traces, strict=True):
+                _, sel, pick = chosen[i]
+                if fallback:
+                    sel = {**sel, "fallback": fallback}
+                rec = _record(cells[i], dt, tr, pick, budget=cells[i].steps(n), stack=names,
+                              seconds=tr.seconds + sel.pop("_seconds"), selection=sel)  # fmt: skip
+                finish(i, rec)
             if done is not None:
-                done(len(stack))
-        if selecting:
-            chosen = _write(select_and_train([cells[i] for i in selecting], dt), out)
-            for i, record in zip(selecting, chosen, strict=True):
-                records[i] = record
-            if done is not None:
-                done(len(selecting))
+                done(len(group))
     finally:
         if flush:
             torch.set_flush_denormal(False)
     return records
+
+
+def _run(
+    cells: Sequence[Cell],
+    group: Sequence[int],
+    view: Any,
+    dt: DomainTensors,
+    scorer: Callable[..., int] | None,
+    finish: Callable[[int, Any], None],
+    done: Callable[[int], None] | None,
+) -> None:
+    """Train the trials of `cells[group]` (one stack) on `view`, choose each cell's point and pass it to
+    `finish`: the record, or for a slice view (`--select weak`) the chosen trial to train on all of train."""
+    n = len(dt.train)
+    per_cell = [trials(cells[i]) if cells[i].hparams.get("select", "none") != "none" else [({}, cells[i])]
+                for i in group]  # fmt: skip
+    flat = [(i, values, trial) for i, ts in zip(group, per_cell, strict=True) for values, trial in ts]
+    scoring = {i: scorer if cells[i].hparams.get("select", "none") != "none" else None for i in group}
+    steps = cells[group[0]].steps(n)
+    traces = train_stack([t for _, _, t in flat], view, steps, [scoring[i] for i, _, _ in flat])
+    names = list(dict.fromkeys(cells[i].name for i in group))
+    for i in group:
+        mine = [(values, tr) for (j, values, _), tr in zip(flat, traces, strict=True) if j == i]
+        seconds = sum(tr.seconds for _, tr in mine)
+        if scoring[i] is None:  # --select none: the fixed values, trained to the end
+            tr = mine[0][1]
+            last = len(tr.steps) - 1
+            finish(i, _record(cells[i], dt, tr, last, budget=steps, stack=names, seconds=seconds))
+            continue
+        t, k = choose([tr.scores for _, tr in mine], [tr.finite for _, tr in mine])
+        sel = selection_record(
+            scoring[i].protocol, scoring[i].what, [v for v, _ in mine], mine[0][1].steps,
+            [tr.scores for _, tr in mine], scoring[i].rows, (t, k),
+        )  # fmt: skip
+        if isinstance(view, SliceView):
+            finish(i, (mine[t][1].trial, {**sel, "_seconds": seconds}, k))
+        else:
+            finish(i, _record(cells[i], dt, mine[t][1], k, budget=steps, stack=names, seconds=seconds,
+                              selection=sel))  # fmt: skip
+    if done is not None and not isinstance(view, SliceView):
+        done(len(group))
 
 
 def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
@@ -431,41 +540,6 @@ def _stacks(cells: Sequence[Cell], n: int) -> list[list[int]]:
     for i, c in enumerate(cells):
         stacks.setdefault(stack_key(c, n), []).append(i)
     return list(stacks.values())
-
-
-def select_and_train(cells: Sequence[Cell], dt: DomainTensors) -> list[dict[str, Any]]:
-    """For each cell, one trial per step size of its `select_lr`, trained on train less a seeded 10%
-    (`HeldOut`) and scored on that slice (agreement with the weak labels; accuracy for the ceilings).
-    The best-scoring step size then trains on all of train, as a cell given it outright would, and that
-    run is the cell's result; its record keeps the cell's planned hparams (lr None, the candidates) and
-    says what was chosen and each trial's score. Every trial of one seed trains in the same stacks, on
-    the same rows."""
-    trials = [
-        (i, lr, dataclasses.replace(c, hparams={**c.hparams, "lr": lr}, name=f"{c.name}@{lr:g}"))
-        for i, c in enumerate(cells)
-        for lr in c.hparams["select_lr"]
-    ]
-    scores: list[dict[float, float]] = [{} for _ in cells]
-    for seed in dict.fromkeys(c.seed for c in cells):
-        view = HeldOut(dt, seed)
-        runs = [t for t in trials if cells[t[0]].seed == seed]
-        for stack in _stacks([t[2] for t in runs], len(view.train)):
-            for j, record in zip(stack, train_stack([runs[j][2] for j in stack], view), strict=True):
-                i, lr, _ = runs[j]
-                scores[i][lr] = record["val_score"]
-    best = [max(by_lr, key=lambda lr: by_lr[lr]) for by_lr in scores]  # the first of equal scores
-    final = [dataclasses.replace(c, hparams={**c.hparams, "lr": b}) for c, b in zip(cells, best, strict=True)]
-    records: list[dict[str, Any]] = [{} for _ in cells]
-    for stack in _stacks(final, len(dt.train)):
-        for i, record in zip(stack, train_stack([final[i] for i in stack], dt), strict=True):
-            truth = cells[i].method.uses_ground_truth
-            records[i] = {**record, "hparams": cells[i].hparams, "selection": {
-                "selected": {"lr": best[i]},
-                "scores": {f"{lr:g}": v for lr, v in scores[i].items()},
-                "score": "accuracy against its ground truth" if truth else "agreement with its weak labels",
-                "on": f"{SELECT_HOLDOUT:.0%} of train held out, then the chosen step size on all of train",
-            }}  # fmt: skip
-    return records
 
 
 def _write(records: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
