@@ -10,9 +10,9 @@ Parts, each timed in the same run:
   as hold; 512-d, 345 classes), every method of pipelines/table2.toml that a planted cache can train
   (the *-tp methods need a CLIP text tower: benchmarks/bench_prompt.py) and ceiling-lp, three seeds,
   the registry's fixed values (--select none, the anchor) or a protocol (--select hold or weak). Per
-  domain, the cells train stacked, as `cpl-cache run` trains them, and then one at a time through the same code
-  (`cpl-cache train`'s path, the domain's tensors loaded once), in turns; the cache load is timed too,
-  which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
+  domain, the cells train stacked, as `cpl-cache run` trains them, and then one at a time through the
+  same code (`cpl-cache train`'s path, the domain's tensors loaded once), in turns; the cache load is
+  timed too, which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
   within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree between the two.
   `--no-alone` trains the stacks only (the README's table of accuracies).
 - select: clipart's cells of one seed under --select hold against --select none, in turns.
