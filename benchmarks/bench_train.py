@@ -12,8 +12,9 @@ Parts, each timed in the same run:
   the registry's fixed values (--select none, the anchor) or a protocol (--select hold or weak). Per
   domain, the cells train stacked, as `cpl-cache run` trains them, and then one at a time through the
   same code (`cpl-cache train`'s path, the domain's tensors loaded once), in turns; the cache load is
-  timed too, which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the stacked grid
-  within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree between the two.
+  timed too, which `cpl-cache train` pays per cell. Goals: stacked at most 0.5x one at a time; the
+  stacked grid within 15 minutes on a 2-core CPU (10 s on an H200). Every cell's metrics must agree
+  between the two.
   `--no-alone` trains the stacks only (the README's table of accuracies).
 - select: clipart's cells of one seed under --select hold against --select none, in turns.
 - reference: on quickdraw, the reference loop written the common way (public weak-to-strong code: a
