@@ -163,13 +163,17 @@ def ref_augconf_staircase(s, w, t):
     return (1 - a) * kd_rows(s, w).mean() + a * ce_rows(s, hardened(s, w)).mean()
 
 
-def ref_adaptconf_ramp(s, w, t):
+def ref_adaptconf(s, w, t, ramp: float | None = None):
     k = s.shape[1]
-    ce_s = ce_rows(s, onehot(s.detach().argmax(1), k))
+    ce_s = ce_rows(s, hardened(s, w))
     ce_w = ce_rows(s, onehot(w.argmax(1), k))
     u, v = torch.exp(ce_s / 0.5), torch.exp(ce_w / 0.5)
-    a = (u / (u + v)).detach() * min(1.0, t / 0.25)
+    a = (u / (u + v)).detach() * (1.0 if ramp is None else min(1.0, t / ramp))
     return ((1 - a) * kd_rows(s, w) + a * ce_s).mean()
+
+
+def ref_adaptconf_ramp(s, w, t):
+    return ref_adaptconf(s, w, t, ramp=0.25)
 
 
 REFERENCE = {
@@ -177,6 +181,7 @@ REFERENCE = {
     "augconf": ref_augconf,
     "auxconf-openai": ref_auxconf_openai,
     "augconf-staircase": ref_augconf_staircase,
+    "adaptconf": ref_adaptconf,
     "adaptconf-ramp": ref_adaptconf_ramp,
 }
 

@@ -4,11 +4,11 @@
 (the confidence losses ramp with it). Definitions and defaults are those of PAPER.md "Baselines";
 keyword arguments are the constants, which a run may override (`cpl-cache train --set T=2`).
 
-`auxconf` and `augconf` harden the student's prediction class-balanced (`balanced_hard`, the multi-class
-form of openai/weak-to-strong's quantile threshold); their plain-argmax forms are registered as
-`auxconf-argmax` and `augconf-argmax`, and the references' own schedules as `auxconf-openai`,
-`augconf-staircase` and `adaptconf-ramp` (docs/losses.md). Every constant is a keyword-only argument
-with a default, which the method registry reads from the signature.
+`auxconf`, `augconf` and `adaptconf` harden the student's prediction class-balanced (`balanced_hard`, the
+multi-class form of openai/weak-to-strong's quantile threshold); their plain-argmax forms are registered
+as `auxconf-argmax`, `augconf-argmax` and `adaptconf-argmax`, and the references' own schedules as
+`auxconf-openai`, `augconf-staircase` and `adaptconf-ramp` (docs/losses.md). Every constant is a
+keyword-only argument with a default, which the method registry reads from the signature.
 
 Autograd differentiates every loss: adding one is one function and one line in `LOSSES`.
 """
@@ -190,13 +190,23 @@ def augconf_argmax(
 
 
 def adaptconf(s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, T: float = 1.0) -> Tensor:
-    """Adaptive confidence loss (Guo et al. 2024): per row, a = u / (u + v) with
-    u = exp(CE(s, argmax s) / tau) and v = exp(CE(s, argmax w) / tau), detached;
-    the loss is mean((1 - a) kd + a CE(s, argmax s)).
+    """Adaptive confidence loss (Guo et al. 2024), multi-class: per row, a = u / (u + v) with
+    u = exp(CE(s, h) / tau) and v = exp(CE(s, argmax w) / tau), detached, h the student's class-balanced
+    hard prediction (`balanced_hard`, as `auxconf` and `augconf` harden); the loss is
+    mean((1 - a) kd + a CE(s, h)). The literal argmax form is `adaptconf-argmax`.
 
     u / (u + v) is computed as sigmoid((CE_s - CE_w) / tau), equal and free of overflow.
     """
-    return _adaptive(s, w, tau, T, 1.0)
+    return _adaptive(s, w, tau, T, 1.0, balanced_hard(s, w))
+
+
+def adaptconf_argmax(
+    s: Tensor, w: Tensor, progress: float = 0.0, *, tau: float = 0.5, T: float = 1.0
+) -> Tensor:
+    """`adaptconf` hardened by plain argmax, h = argmax s, as Guo et al. write it. Without a ground-truth
+    anchor it can collapse a linear probe onto a few classes, as argmax AuxConf and AugConf do
+    (docs/losses.md)."""
+    return _adaptive(s, w, tau, T, 1.0, s.detach().argmax(dim=1))
 
 
 def adaptconf_ramp(
@@ -204,13 +214,14 @@ def adaptconf_ramp(
 ) -> Tensor:
     """`adaptconf` as ggjy/vision_weak_to_strong's few-shot trainer runs it: the per-row weight a is also
     ramped by min(1, progress / ramp)."""
-    return _adaptive(s, w, tau, T, _ramp(progress, 1.0, ramp))
+    return _adaptive(s, w, tau, T, _ramp(progress, 1.0, ramp), balanced_hard(s, w))
 
 
-def _adaptive(s: Tensor, w: Tensor, tau: float, T: float, scale: float) -> Tensor:
-    """mean((1 - a) kd + a CE(s, argmax s)) with a = scale * sigmoid((CE_s - CE_w) / tau), detached."""
+def _adaptive(s: Tensor, w: Tensor, tau: float, T: float, scale: float, own: Tensor) -> Tensor:
+    """mean((1 - a) kd + a CE(s, own)) with a = scale * sigmoid((CE(s, own) - CE(s, argmax w)) / tau),
+    detached; `own` is the student's hardened prediction (B,)."""
     log_ps = F.log_softmax(s, dim=1)
-    ce_self = -log_ps.gather(1, s.detach().argmax(dim=1, keepdim=True)).squeeze(1)
+    ce_self = -log_ps.gather(1, own[:, None]).squeeze(1)
     ce_weak = -log_ps.gather(1, w.argmax(dim=1, keepdim=True)).squeeze(1)
     a = scale * torch.sigmoid((ce_self - ce_weak).detach() / tau)
     return ((1.0 - a) * _kd_per_sample(s, w, T) + a * ce_self).mean()
@@ -228,6 +239,7 @@ LOSSES: dict[str, Loss] = {
     "auxconf-openai": auxconf_openai,
     "augconf-staircase": augconf_staircase,
     "adaptconf-ramp": adaptconf_ramp,
+    "adaptconf-argmax": adaptconf_argmax,
 }
 
 
