@@ -227,3 +227,22 @@ def test_default_grid_is_a_log_grid_from_strong_to_weak():
     lams = np.array(logreg.DEFAULT_LAMS)
     assert len(lams) == 11 and lams[0] == pytest.approx(1e-1) and lams[-1] == pytest.approx(1e-6)
     np.testing.assert_allclose(np.diff(np.log10(lams)), -0.5)
+
+
+def test_the_ceiling_lp_is_within_a_point_of_the_clip_papers_probe(tmp_path):
+    """`ceiling-lp` under the default protocol (AdamW, step size, weight decay and stopping point chosen on
+    hold) against multinomial logistic regression by L-BFGS with its L2 strength chosen on the same hold
+    rows: the ceiling is a ceiling (within 1 point, on a 3,000-row 20-class zoo cache)."""
+    from cpl_cache.cache import load_domain
+    from cpl_cache.synth.zoo import write_zoo_cache
+    from cpl_cache.train.logreg import logreg_probe
+    from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_cells
+
+    name = "mixture-64x20"
+    write_zoo_cache(tmp_path, name)
+    dt = DomainTensors(load_domain(tmp_path, name), "cpu")
+    (rec,) = train_cells([Cell.of(TrainConfig("ceiling-lp", name, tmp_path))], dt, tmp_path / "out")
+    probe = logreg_probe(dt.x_train, dt.truth_train.argmax(dim=1), dt.x_hold, dt.y_hold, dt.x_test, dt.y_test,
+                         dt.data.num_classes)  # fmt: skip
+    assert len(dt.y_test) == 750 and rec["selection"]["protocol"] == "hold"
+    assert abs(rec["metrics"]["test_acc"] - probe.test_acc) <= 0.01, (rec["metrics"], probe.test_acc)
