@@ -499,7 +499,7 @@ def bench_regret_cmd(
 ) -> None:
     """Tuning regret: every Table 2 method on every zoo cache under hold, weak and none, against the best
     test accuracy of a broad sweep (a diagnostic, never used by a protocol); prints the table."""
-    from cpl_cache.regret import RegretConfig, format_table, run_regret
+    from cpl_cache.regret import RegretConfig, format_table, run_regret, summary_table
     from cpl_cache.synth.zoo import zoo_names
 
     check_seed(seed)
@@ -509,7 +509,7 @@ def bench_regret_cmd(
         raise UserError(f"--scale must be a number > 0, got {scale}")
     names = _names(caches, "caches") or tuple(zoo_names(half))
     report = run_regret(RegretConfig(caches=names, out=out, seed=seed, scale=scale))
-    typer.echo(format_table(report))
+    typer.echo(format_table(report) + "\n\n" + summary_table(report))
     typer.echo(f"bench-regret: {len(names)} cache(s) in {report['seconds']:.0f} s -> {out}")
 
 

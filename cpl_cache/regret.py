@@ -261,6 +261,33 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(report: dict[str, Any]) -> str:
+    """One row per cache: the weak model, CPL under hold, each protocol's largest and median regret over
+    the methods, and ceiling-lp against the L-BFGS probe (points)."""
+    lines = [
+        "| cache | half | train x dim x K | weak | CPL (hold) | hold regret max / median | weak regret max / "
+        "median | none regret max / median | ceiling-lp - L-BFGS |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in report["caches"].items():
+        ms = c["methods"].values()
+        cells = []
+        for p in ("hold", "weak", "none"):
+            vals = [r[f"regret_{p}"] for r in ms]
+            cells.append(f"{max(vals):.1f} / {statistics.median(vals):.1f}")
+        cpl = c["methods"].get("cpl", {}).get("hold")
+        gap = -c["logreg"]["ceiling_lp_gap"] if "ceiling_lp_gap" in c.get("logreg", {}) else None
+        lines.append(
+            f"| {name} | {c['half']} | {c['rows']['train']:,} x {c['dim']} x {c['classes']} | "
+            + f"{c['weak']:.1f} | "
+            + ("—" if cpl is None else f"{cpl:.1f}")
+            + f" | {' | '.join(cells)} | "
+            + ("—" if gap is None else f"{gap:+.1f}")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def run_regret(cfg: RegretConfig) -> dict[str, Any]:
     """The benchmark over `cfg.caches`, writing the JSON after every cache; returns the report."""
     from cpl_cache.synth.zoo import ZOO, write_zoo_cache
