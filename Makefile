@@ -58,8 +58,9 @@ bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against o
 bench-table: $(STAMP) ## The README's planted table: the grid's stacks only, three seeds (bench-results/train-table.json)
 	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid --no-alone --json bench-results/train-table.json
 
-bench-regret: $(STAMP) ## Tuning regret of every Table 2 method on the zoo of caches, per selection protocol (bench-results/regret.json)
+bench-regret: $(STAMP) ## Tuning regret of every Table 2 method on the zoo of caches, per selection protocol, and what hold costs against none (bench-results/regret.json, select-cost.json)
 	$(OFFLINE) $(CLI) bench-regret --out bench-results/regret.json
+	$(OFFLINE) $(PY) benchmarks/select_cost.py --json bench-results/select-cost.json
 
 bench-extract: $(STAMP) ## Stage-one benchmark: decode, forward, whole extract (writes bench-results/extract.json)
 	$(OFFLINE) $(PY) benchmarks/bench_extract.py
