@@ -347,6 +347,9 @@ def methods_cmd() -> None:
                 " " * 15
                 + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
             )
+            if m.candidates:  # what --select hold and weak choose among
+                grid = " ".join(f"{k}={','.join(f'{x:g}' for x in v)}" for k, v in m.candidates.items())
+                typer.echo(" " * 15 + f"candidates: {grid}")
     typer.echo(f"heads: {', '.join(HEADS)}")
     typer.echo(f"losses: {', '.join(LOSSES)}")
 

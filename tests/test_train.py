@@ -177,6 +177,10 @@ def test_methods_command_lists_every_method():
     names = [line.split()[0] for line in lines if line and not line.startswith(" ")]
     assert names[:-2] == list(METHODS) and lines[-1].startswith("losses: soft, hard, kd, auxconf")
     assert "tau=0.5" in r.stdout and "min_steps=500" in r.stdout
+    grid = ",".join(f"{x:g}" for x in METHODS["kd-lp"].candidates["T"])
+    assert f"T={grid}" in r.stdout and r.stdout.count("candidates: lr=") == sum(
+        1 for m in METHODS.values() if m.candidates
+    )
 
 
 @pytest.mark.parametrize(
