@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,13 +54,9 @@ def _sweep_overrides(method: Any) -> dict[str, list[float]]:
     lrs = sorted(grid["lr"])
     ratio = lrs[1] / lrs[0] if len(lrs) > 1 else math.sqrt(10)
     grid["lr"] = sorted({lrs[0] / ratio, *lrs, lrs[-1] * ratio, method.lr})
-    from cpl_cache.train.methods import loss_constants
-
-    constants = {**loss_constants(method.loss), **method.loss_args}
     for key in grid:
         if key != "lr":
-            fixed = getattr(method, key) if key in ("weight_decay",) else constants[key]
-            grid[key] = sorted({*grid[key], fixed})
+            grid[key] = sorted({*grid[key], _fixed(method, key)})
     return grid
 
 
@@ -149,6 +146,7 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
     finally:
         if flush:
             torch.set_flush_denormal(False)
+        shutil.rmtree(out_dir, ignore_errors=True)  # the records are summarised here, not kept
     flag_collapses(result)
     t0 = time.perf_counter()
     lr = logreg_reference(dt)
@@ -311,23 +309,28 @@ def run_regret(cfg: RegretConfig) -> dict[str, Any]:
         "goals": {"max": GOAL_MAX, "median": GOAL_MEDIAN},
         "caches": {},
     }
-    work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="zoo-"))
-    t_all = time.perf_counter()
-    for name in cfg.caches:
-        t0 = time.perf_counter()
-        write_zoo_cache(work, name, seed=cfg.seed, scale=cfg.scale, overwrite=True)
-        c = cache_regret(work, name, cfg)
-        c.update(half=ZOO[name].half, summary=ZOO[name].summary, wall=time.perf_counter() - t0)
-        report["caches"][name] = c
-        report["summary"] = summarise(report)
-        report["seconds"] = time.perf_counter() - t_all
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out.write_text(json.dumps(report, indent=1) + "\n")
-        worst = max(c["methods"].items(), key=lambda kv: kv[1]["regret_hold"])
-        print(
-            f"{name}: {c['wall']:.0f} s; weak {c['weak']:.1f}; worst hold regret "
-            f"{worst[1]['regret_hold']:.1f} ({worst[0]})",
-            file=sys.stderr,
-            flush=True,
-        )
+    scratch = None if cfg.work else tempfile.TemporaryDirectory(prefix="zoo-")  # caches of up to ~100 MB
+    work = Path(cfg.work) if cfg.work else Path(scratch.name)
+    try:
+        t_all = time.perf_counter()
+        for name in cfg.caches:
+            t0 = time.perf_counter()
+            write_zoo_cache(work, name, seed=cfg.seed, scale=cfg.scale, overwrite=True)
+            c = cache_regret(work, name, cfg)
+            c.update(half=ZOO[name].half, summary=ZOO[name].summary, wall=time.perf_counter() - t0)
+            report["caches"][name] = c
+            report["summary"] = summarise(report)
+            report["seconds"] = time.perf_counter() - t_all
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
+            cfg.out.write_text(json.dumps(report, indent=1) + "\n")
+            worst = max(c["methods"].items(), key=lambda kv: kv[1]["regret_hold"])
+            print(
+                f"{name}: {c['wall']:.0f} s; weak {c['weak']:.1f}; worst hold regret "
+                f"{worst[1]['regret_hold']:.1f} ({worst[0]})",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     return report

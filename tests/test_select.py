@@ -13,10 +13,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from test_train import cli, one_line_error
 
 from cpl_cache.cache import SPLIT_CODES, load_domain
-from cpl_cache.cli import app
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.heads import get_head
 from cpl_cache.train.methods import METHODS
@@ -224,18 +223,6 @@ def test_candidates_from_a_grid_line_and_a_pinned_step_size(cache: Path, tmp_pat
         {"scores": lp["selection"]["candidates"][0]["scores"]}
     ]  # one trial: only the stopping point is chosen
     assert lp["selection"]["protocol"] == "hold"
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
-
-
-def one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

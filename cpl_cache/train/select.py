@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,12 +100,12 @@ class SliceView:
         self.rows = k
         self.what = f"agreement with the weak labels of {k} train rows held out ({SELECT_HOLDOUT:.0%})"
 
-    @property
+    @cached_property
     def truth_train(self) -> Tensor:
         return self._dt.truth_train[self._fit]
 
-    @property
-    def y_val(self) -> Tensor:
+    @cached_property
+    def y_val(self) -> Tensor:  # read at every checkpoint of a ceiling's trials: made once
         return self._dt.truth_train[self._val].argmax(dim=1)
 
     def targets(self, method: Method) -> Tensor:

@@ -169,10 +169,14 @@ class DomainTensors:
     @cached_property
     def y_hold(self) -> Tensor:
         """Ground truth of the hold rows: read by `--select hold` only, to score candidates."""
-        y = self.data.labels[self.hold].to(self.device)
+        return self._labels(self.hold, "hold")
+
+    def _labels(self, rows: Tensor, split: str) -> Tensor:
+        """Ground truth of `rows` on the device, refused in one line when outside 0..K-1."""
+        y = self.data.labels[rows].to(self.device)
         K = self.data.num_classes
         if bool((y < 0).any() or (y >= K).any()):
-            raise UserError(f"hold labels of {self.where} fall outside 0..{K - 1}; re-extract the cache")
+            raise UserError(f"{split} labels of {self.where} fall outside 0..{K - 1}; re-extract the cache")
         return y
 
     @cached_property
@@ -182,11 +186,10 @@ class DomainTensors:
     @cached_property
     def truth_train(self) -> Tensor:
         """Ground truth of the train rows as logits: 0 on the true class, TRUTH_OFF elsewhere."""
-        y = self.data.labels[self.train].to(self.device)
-        K = self.data.num_classes
-        if bool((y < 0).any() or (y >= K).any()):
-            raise UserError(f"train labels of {self.where} fall outside 0..{K - 1}; re-extract the cache")
-        return torch.full((len(y), K), TRUTH_OFF, device=self.device).scatter_(1, y[:, None], 0.0)
+        y = self._labels(self.train, "train")
+        return torch.full((len(y), self.data.num_classes), TRUTH_OFF, device=self.device).scatter_(
+            1, y[:, None], 0.0
+        )
 
     def targets(self, method: Method) -> Tensor:
         return self.truth_train if method.uses_ground_truth else self.weak_train
