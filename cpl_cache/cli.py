@@ -366,6 +366,17 @@ SelectOpt = Annotated[
 ]
 
 
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Stage two's matrix products: auto (bfloat16 where the device computes it natively: a CPU "
+        "with AVX512-BF16 or AMX, a CUDA GPU; float32 elsewhere), bf16 or fp32. Weights, losses and the "
+        "optimiser stay float32; every result records which was used.",
+    ),
+]
+
+
 def _settings(pairs: list[str] | None) -> dict[str, Any]:
     """`--set key=value` pairs as a dict; values read as TOML scalars (4, 0.5, "x"), else as text."""
     from cpl_cache.pipeline import _toml_loads
@@ -405,6 +416,7 @@ def train_cmd(
         ),
     ] = None,
     select: SelectOpt = "hold",
+    precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
     out: Annotated[Path, typer.Option(help="Results folder; writes OUT/DOMAIN/METHOD-seedN.json.")] = Path(
         "results"
@@ -421,7 +433,7 @@ def train_cmd(
     overrides = {**{k: v for k, v in given.items() if v is not None}, **_settings(set_)}
     cfg = TrainConfig(
         method=method, domain=domain, cache_dir=cache_dir, out=out, seed=seed, overrides=overrides,
-        device=device, select=select,
+        device=device, select=select, precision=precision,
     )  # fmt: skip
     r = run_training(cfg)
     m = r["metrics"]
@@ -477,6 +489,7 @@ def run_cmd(
     methods: Annotated[str | None, typer.Option(help="Only these methods (comma list).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over the cells.")] = True,
     select: SelectOpt = "hold",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Train every cell (domain x method x seed) of a grid from the cache; cells with results are skipped."""
     from cpl_cache.pipeline import PipelineConfig, run_pipeline
@@ -485,7 +498,7 @@ def run_cmd(
     cfg = PipelineConfig(
         pipeline=pipeline, cache_dir=cache_dir, results=results, device=device,
         domains=_names(domains, "domains"), seeds=_seeds(seeds), methods=_names(methods, "methods"),
-        progress=progress, select=select,
+        progress=progress, select=select, precision=precision,
     )  # fmt: skip
     typer.echo(run_pipeline(cfg).line())
 
@@ -593,6 +606,7 @@ def reproduce_cmd(
     device: DeviceOpt = "auto",
     seeds: SeedsOpt = None,
     select: SelectOpt = "hold",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Images to table: train-weak and extract where missing, then the grid, the table and the plots."""
     from cpl_cache.reproduce import ReproduceConfig, reproduce
@@ -601,7 +615,7 @@ def reproduce_cmd(
     cfg = ReproduceConfig(
         pipeline=pipeline, data_root=data_root, strong=strong, weak_model=weak_model, weak_dir=weak_dir,
         cache_dir=cache_dir, results=results, dataset=dataset, device=device, seeds=_seeds(seeds),
-        select=select,
+        select=select, precision=precision,
     )  # fmt: skip
     out = reproduce(cfg)
     typer.echo(out["table"])
@@ -618,6 +632,7 @@ def demo_cmd(
     ] = Path("pipelines/demo.toml"),
     device: DeviceOpt = "cpu",
     select: SelectOpt = "hold",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """The whole pipeline on synthetic DomainNet-layout images and tiny models: offline, minutes on a CPU."""
     import torch
@@ -644,7 +659,7 @@ def demo_cmd(
         pipeline=pipeline, data_root=out / "domainnet", strong=str(out / "models" / "clip-tiny"),
         weak_model=str(out / "models" / "resnet-tiny"), weak_dir=out / "weak", cache_dir=out / "cache",
         results=out / "results", device=device, weak_epochs=DEMO_WEAK_EPOCHS, weak_batch_size=DEMO_WEAK_BATCH,
-        weak_workers=DEMO_WEAK_WORKERS, select=select,
+        weak_workers=DEMO_WEAK_WORKERS, select=select, precision=precision,
     )  # fmt: skip
     res = reproduce(cfg)
     typer.echo(res["table"])

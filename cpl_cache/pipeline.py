@@ -255,6 +255,7 @@ class PipelineConfig:
     methods: tuple[str, ...] | None = None
     progress: bool = True
     select: str = "hold"  # how each trained cell's candidates are chosen: hold, weak or none
+    precision: str = "auto"  # matrix products in bf16 where native, else fp32 (runtime.resolve_precision)
 
 
 @dataclass
@@ -357,7 +358,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
 
     Each domain's cache is loaded once, and its missing cells train stacked (see cpl_cache.train.trainer)."""
     from cpl_cache.cache import domain_dir, load_domain
-    from cpl_cache.runtime import progress, resolve_device
+    from cpl_cache.runtime import progress, resolve_device, resolve_precision
 
     start = time.perf_counter()
     cells = plan(cfg)
@@ -379,6 +380,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     if summary.skipped < summary.cells:
         trainer = _trainer()
         device = resolve_device(cfg.device)  # once, so a bad --device fails before any training
+        precision = resolve_precision(cfg.precision, device)
         bar = progress(
             total=summary.cells, initial=summary.skipped, unit="cell", desc="run", disable=not cfg.progress
         )
@@ -390,7 +392,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                     continue
                 bar.set_postfix_str(f"loading {domain}")
                 data = trainer.DomainTensors(
-                    load_domain(cfg.cache_dir, domain), device, str(domain_dir(cfg.cache_dir, domain))
+                    load_domain(cfg.cache_dir, domain),
+                    device,
+                    str(domain_dir(cfg.cache_dir, domain)),
+                    precision,
                 )
                 bar.set_postfix_str(domain)
 

@@ -6,7 +6,9 @@ Per cache and method:
 - the sweep: the registry's candidates, the step-size grid extended one step beyond each end and the
   fixed values, every checkpoint of every trial, all in one stack on all of train and scored on hold;
 - `hold`: the protocol's choice among the registry's candidates, computed from those same runs with the
-  protocol's own `choose` (a test checks it equals `cpl-cache train`'s record);
+  protocol's own successive halving (`simulate_halving`: a survivor trains as in the full search) and
+  `choose` (a test checks it equals `cpl-cache train`'s record); `hold_full`, the choice of the full
+  search without halving, shows what halving costs;
 - `none`: the fixed values at the end of their run (a trial of the sweep);
 - `weak`: `train_cells` under `--select weak` (its own runs, on train less the slice);
 - the oracle: the best test accuracy over the sweep's checkpoints and over a run `LONGER` times as long
@@ -45,6 +47,7 @@ class RegretConfig:
     device: str = "cpu"
     work: Path | None = None  # where the zoo caches are written (a temporary folder when None)
     overrides: tuple[tuple[str, Any], ...] = ()  # settings for every run (tests: a shorter budget)
+    precision: str = "auto"  # the matrix products' precision (cpl_cache.runtime.resolve_precision)
 
 
 def _sweep_overrides(method: Any) -> dict[str, list[float]]:
@@ -71,11 +74,13 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
     import torch
 
     from cpl_cache.cache import load_domain
+    from cpl_cache.runtime import resolve_precision
     from cpl_cache.train.methods import METHODS
-    from cpl_cache.train.select import HoldScore, choose, trials
+    from cpl_cache.train.select import HoldScore, choose, simulate_halving, trials
     from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_cells, train_stack
 
-    dt = DomainTensors(load_domain(cache_dir, domain), cfg.device)
+    precision = resolve_precision(cfg.precision, cfg.device)
+    dt = DomainTensors(load_domain(cache_dir, domain), cfg.device, precision=precision)
     n = len(dt.train)
     out_dir = Path(tempfile.mkdtemp(prefix="regret-"))
     base = [Cell.of(TrainConfig(m, domain, cache_dir, seed=cfg.seed)) for m in ("weak", "zeroshot")]
@@ -112,8 +117,10 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
             runs = traces[m]
             tests = [[_accuracy(tr, k, dt.x_test, dt.y_test) for k in range(len(tr.steps))] for _, tr in runs]
             own = [i for i, (v, _) in enumerate(runs) if all(v[k] in registry[k] for k in registry)]
-            t, k = choose([runs[i][1].scores for i in own], [runs[i][1].finite for i in own])
+            scores, finite = [runs[i][1].scores for i in own], [runs[i][1].finite for i in own]
+            t, k = choose(simulate_halving(method.halving, runs[own[0]][1].steps, scores, hold.rows), finite)
             held = 100 * tests[own[t]][k]
+            t_full, k_full = choose(scores, finite)
             (none_i,) = [
                 i for i, (v, _) in enumerate(runs) if all(v[key] == _fixed(method, key) for key in v)
             ]
@@ -129,6 +136,7 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
                 oracle, oracle_point = longer[0], {**runs[best_i][0], "step": longer[1], "longer": LONGER}
             result[m] = {
                 "hold": held,
+                "hold_full": 100 * tests[own[t_full]][k_full],
                 "none": none,
                 "oracle": oracle,
                 "oracle_point": oracle_point,
@@ -183,8 +191,9 @@ def flag_collapses(result: dict[str, dict[str, Any]]) -> None:
 
     naive = result.get("naive-lp", {}).get("hold")
     for m, r in result.items():
-        for p in ("hold", "weak", "none"):
+        for p in ("hold", "hold_full", "weak", "none"):
             r[f"regret_{p}"] = r["oracle"] - r[p]
+        r["halving_cost"] = r["hold_full"] - r["hold"]
         same_head = METHODS[m].head == METHODS["naive-lp"].head  # a collapse shows against its own head
         if naive is not None and m != "naive-lp" and same_head and not METHODS[m].uses_ground_truth:
             r["vs_naive"] = r["hold"] - naive
@@ -220,30 +229,34 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         halves.setdefault(c["half"], []).append(name)
     for half, names in halves.items():
         out[half] = {}
-        for p in ("hold", "weak", "none"):
+        for p in ("hold", "hold_full", "weak", "none"):
             vals = [r[f"regret_{p}"] for n in names for r in report["caches"][n]["methods"].values()]
             if vals:
                 out[half][p] = {"max": max(vals), "median": statistics.median(vals), "n": len(vals)}
+        cost = [r["halving_cost"] for n in names for r in report["caches"][n]["methods"].values()]
+        if cost:  # what successive halving gives up against the full search, in points of test accuracy
+            out[half]["halving_cost"] = {"max": max(cost), "median": statistics.median(cost), "n": len(cost)}
     return out
 
 
 def format_table(report: dict[str, Any]) -> str:
     """One row per (cache, method): hold, weak, none, oracle and regret (points)."""
     lines = [
-        "| cache (half) | weak | zero-shot | method | hold | weak sel. | none | oracle | regret hold "
-        "| regret weak | regret none | flags |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| cache (half) | weak | zero-shot | method | hold | hold, no halving | weak sel. | none | oracle | "
+        "regret hold | regret weak | regret none | flags |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, c in report["caches"].items():
         if "logreg" in c:
             probe = c["logreg"]["test_acc"]
             lines.append(
-                f"| {name} ({c['half']}) | | | L-BFGS logistic regression | {probe:.1f} | | | | | | | |"
+                f"| {name} ({c['half']}) | | | L-BFGS logistic regression | {probe:.1f} | | | | | | | | |"
             )
         for m, r in c["methods"].items():
             lines.append(
                 f"| {name} ({c['half']}) | {c['weak']:.1f} | {c['zeroshot']:.1f} | {m} | {r['hold']:.1f} | "
-                f"{r['weak']:.1f} | {r['none']:.1f} | {r['oracle']:.1f} | {r['regret_hold']:.1f} | "
+                f"{r.get('hold_full', r['hold']):.1f} | {r['weak']:.1f} | {r['none']:.1f} | "
+                f"{r['oracle']:.1f} | {r['regret_hold']:.1f} | "
                 f"{r['regret_weak']:.1f} | {r['regret_none']:.1f} | {'; '.join(r['flags'])} |"
             )
     s = report.get("summary", {})
@@ -252,7 +265,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{half}: "
             + "; ".join(
-                f"{p} regret max {v['max']:.1f}, median {v['median']:.1f} (n={v['n']})"
+                f"{p.replace('_', ' ')}{'' if p == 'halving_cost' else ' regret'} max {v['max']:.1f}, "
+                f"median {v['median']:.1f} (n={v['n']})"
                 for p, v in per.items()
             )
         )
@@ -303,6 +317,7 @@ def run_regret(cfg: RegretConfig) -> dict[str, Any]:
             "processor": platform.processor(),
             "threads": torch.get_num_threads(),
         },
+        "precision": cfg.precision,
         "seed": cfg.seed,
         "scale": cfg.scale,
         "longer": LONGER,

@@ -42,6 +42,7 @@ class ReproduceConfig:
     seeds: tuple[int, ...] | None = None
     progress: bool = True
     select: str = "hold"  # how each cell's candidates and stopping point are chosen (hold, weak, none)
+    precision: str = "auto"  # stage two's matrix products: bf16 where native, else fp32
 
 
 def _say(msg: str) -> None:
@@ -118,7 +119,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     grid = load_grid(cfg.pipeline)
     grid_run = PipelineConfig(
         pipeline=cfg.pipeline, cache_dir=cfg.cache_dir, results=cfg.results, device=cfg.device,
-        seeds=cfg.seeds, progress=cfg.progress, select=cfg.select,
+        seeds=cfg.seeds, progress=cfg.progress, select=cfg.select, precision=cfg.precision,
     )  # fmt: skip
     plan(grid_run)  # every cell's settings checked before hours of extraction
     dataset = cfg.dataset or grid.dataset or "domainnet"

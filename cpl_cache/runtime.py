@@ -32,6 +32,31 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """How stage two's matrix products run on `device`: `bf16` (autocast: bfloat16 products with float32
+    accumulation, float32 weights, losses and optimiser state) or `fp32`. `auto` takes bf16 where the
+    device computes it natively (a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or AMX: on other CPUs
+    it is emulated and slower) and fp32 elsewhere; `bf16` where it is not native is refused."""
+    import torch
+
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}; use {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return name
+    if device.startswith("cuda"):
+        native = torch.cuda.is_bf16_supported()
+    elif device == "cpu":
+        native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    else:
+        native = False
+    if name == "bf16" and not native:
+        raise UserError(f"{device} has no native bfloat16 matrix products; pass --precision fp32 or auto")
+    return "bf16" if native else "fp32"
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) generators; a seed NumPy cannot take is refused."""
     import numpy as np

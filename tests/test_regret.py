@@ -30,7 +30,7 @@ METHODS_RUN = ("naive-lp", "cpl", "ceiling-lp")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("zoo")
     write_zoo_cache(root, NAME, scale=1.0)
-    cfg = RegretConfig(caches=(NAME,), methods=METHODS_RUN, overrides=FAST)
+    cfg = RegretConfig(caches=(NAME,), methods=METHODS_RUN, overrides=FAST, precision="fp32")
     return root, cache_regret(root, NAME, cfg)
 
 
@@ -55,9 +55,10 @@ def test_hold_and_none_equal_what_train_reports(report, tmp_path: Path):
 def test_the_oracle_bounds_every_protocol_and_regret_is_the_gap(report):
     _, rep = report
     for m, r in rep["methods"].items():
-        for p in ("hold", "weak", "none"):
+        for p in ("hold", "hold_full", "weak", "none"):
             assert r["oracle"] >= r[p] - 1e-9, (m, p)
             assert r[f"regret_{p}"] == pytest.approx(r["oracle"] - r[p])
+        assert r["halving_cost"] == pytest.approx(r["hold_full"] - r["hold"])
     s = summarise({"caches": {NAME: {**rep, "half": "tune"}}})
     hold = [r["regret_hold"] for r in rep["methods"].values()]
     assert s["all"]["hold"]["max"] == max(hold) and s["tune"]["hold"]["n"] == len(METHODS_RUN)
@@ -76,7 +77,7 @@ def test_the_sweep_is_wider_than_the_candidates_and_holds_the_fixed_values():
 
 def test_a_linear_probe_far_below_naive_lp_is_flagged_as_collapsed():
     def row(acc: float) -> dict:
-        return {"hold": acc, "weak": acc, "none": acc, "oracle": acc + 1, "flags": []}
+        return {"hold": acc, "hold_full": acc, "weak": acc, "none": acc, "oracle": acc + 1, "flags": []}
 
     result = {"naive-lp": row(70.0), "adaptconf-lp": row(70.0 - COLLAPSE_GAP - 0.1),
               "auxconf-lp": row(60.1), "cpl": row(20.0), "ceiling-lp": row(10.0)}  # fmt: skip

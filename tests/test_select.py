@@ -19,7 +19,7 @@ from cpl_cache.cache import SPLIT_CODES, load_domain
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.heads import get_head
 from cpl_cache.train.methods import METHODS
-from cpl_cache.train.select import choose, trials
+from cpl_cache.train.select import choose, simulate_halving, trials
 from cpl_cache.train.trainer import (
     Cell,
     DomainTensors,
@@ -58,8 +58,11 @@ def _shuffled(cache: Path, dest: Path, split: str, seed: int = 0) -> Path:
     return dest
 
 
-def run(cache: Path, out: Path, method: str = "naive-lp", select: str = "hold", **kw) -> dict:
-    return run_training(TrainConfig(method, DOMAIN, cache, out, 0, {**FAST, **kw}, "cpu", select=select))
+def run(
+    cache: Path, out: Path, method: str = "naive-lp", select: str = "hold", precision: str = "fp32", **kw
+) -> dict:
+    overrides = {**FAST, **kw}
+    return run_training(TrainConfig(method, DOMAIN, cache, out, 0, overrides, "cpu", select, precision))
 
 
 def by_hand(cell: Cell, dt: DomainTensors, score) -> tuple[torch.nn.Module, list, list]:
@@ -81,9 +84,10 @@ def by_hand(cell: Cell, dt: DomainTensors, score) -> tuple[torch.nn.Module, list
 
 
 def test_hold_scores_every_candidate_at_every_checkpoint_and_reports_the_best(cache: Path, tmp_path: Path):
-    """Each recorded score equals the trial trained alone and scored on the hold rows by hand; the chosen
-    point is their maximum (ties to the earlier step, then the earlier trial); the reported accuracy is
-    that checkpoint's."""
+    """Each recorded score equals the trial trained alone and scored on the hold rows by hand, up to the
+    checkpoint where successive halving stopped it (computed from the by-hand scores of the full search);
+    the chosen point is the maximum of what was reached (ties to the earlier step, then the earlier
+    trial); the reported accuracy is that checkpoint's."""
     rec = run(cache, tmp_path)
     sel = rec["selection"]
     dt = DomainTensors(load_domain(cache, DOMAIN), "cpu")
@@ -94,16 +98,21 @@ def test_hold_scores_every_candidate_at_every_checkpoint_and_reports_the_best(ca
     assert "hold rows' ground truth" in sel["score"]
     cell = Cell.of(TrainConfig("naive-lp", DOMAIN, cache, tmp_path, 0, FAST, "cpu"))
     runs = []
-    for (values, trial), recorded in zip(trials(cell), sel["candidates"], strict=True):
+    for values, trial in trials(cell):
         head, saved, scores = by_hand(trial, dt, lambda h: int((predict(h, dt.x_hold) == y_hold).sum()))
-        steps = checkpoints(trial, trial.steps(len(dt.train)))
-        assert list(recorded["scores"]) == [str(s) for s in steps[1:]]
+        runs.append((values, head, saved, scores, checkpoints(trial, trial.steps(len(dt.train)))))
+    steps = runs[0][4]
+    reached = simulate_halving(METHODS["naive-lp"].halving, steps, [r[3] for r in runs], len(y_hold))
+    assert sel["halving"] == list(METHODS["naive-lp"].halving)
+    assert any(len(r) < len(steps) for r in reached)  # halving stopped a trial on this cache
+    for recorded, scores in zip(sel["candidates"], reached, strict=True):
+        assert list(recorded["scores"]) == [str(s) for s in steps[1 : len(scores)]]
         assert list(recorded["scores"].values()) == [v / len(y_hold) for v in scores[1:]]
-        runs.append((values, head, saved, scores, steps))
+        assert recorded.get("stopped") == (steps[len(scores) - 1] if len(scores) < len(steps) else None)
     best = None  # the first maximum, checkpoints in order, trials in order within each
-    for k in range(1, len(runs[0][4])):
-        for t, r in enumerate(runs):
-            if best is None or r[3][k] > runs[best[0]][3][best[1]]:
+    for k in range(1, len(steps)):
+        for t, r in enumerate(reached):
+            if k < len(r) and (best is None or r[k] > reached[best[0]][best[1]]):
                 best = (t, k)
     values, head, saved, scores, steps = runs[best[0]]
     k = best[1]

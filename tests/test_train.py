@@ -226,7 +226,8 @@ def test_non_finite_weak_logits_are_refused(bad: float, tmp_path: Path):
 
 
 def test_results_never_depend_on_rows_outside_the_splits_used(clean: Path, tmp_path: Path):
-    """Hold rows feed nothing in stage two: dropping them from the tensors changes no metric."""
+    """Under the fixed values (`--select none`) hold rows feed nothing in stage two: dropping them from the
+    tensors changes no metric. (Under `hold` they score the candidates: tests/test_select.py.)"""
     d = load_domain(clean, DOMAIN)
     keep = d.split != SPLIT_CODES["hold"]
     lean = dataclasses.replace(
@@ -234,8 +235,9 @@ def test_results_never_depend_on_rows_outside_the_splits_used(clean: Path, tmp_p
         split=d.split[keep], index=d.index[keep],
     )  # fmt: skip
     cfg = TrainConfig(
-        method="cpl", domain=DOMAIN, cache_dir=clean, out=tmp_path, device="cpu", overrides=FAST
-    )
+        method="cpl", domain=DOMAIN, cache_dir=clean, out=tmp_path, device="cpu", overrides=FAST,
+        select="none",
+    )  # fmt: skip
     assert run_training(cfg, d)["metrics"] == run_training(cfg, lean)["metrics"]
     assert torch.equal(d.labels, load_domain(clean, DOMAIN).labels)  # the caller's tensors are untouched
 

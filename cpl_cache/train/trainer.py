@@ -38,7 +38,15 @@ from cpl_cache.runtime import check_seed
 from cpl_cache.train.heads import PROMPT_INIT, get_head
 from cpl_cache.train.losses import get_loss
 from cpl_cache.train.methods import DEFAULT_PROTOCOL, HPARAMS, Method, get_method, resolve_hparams
-from cpl_cache.train.select import HoldScore, SliceView, choose, selection_record, trials
+from cpl_cache.train.select import (
+    HoldScore,
+    SliceView,
+    choose,
+    go_on,
+    halving_points,
+    selection_record,
+    trials,
+)
 
 if TYPE_CHECKING:
     from cpl_cache.cache import CachedDomain
@@ -65,6 +73,7 @@ class TrainConfig:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
     select: str = DEFAULT_PROTOCOL  # hold, weak or none: how candidates are chosen (cpl_cache.train.select)
+    precision: str = "auto"  # bf16, fp32 or auto (cpl_cache.runtime.resolve_precision)
 
 
 @dataclass(frozen=True)
@@ -135,10 +144,13 @@ def check_domain(data: CachedDomain, where: str) -> None:
 
 
 class DomainTensors:
-    """One domain's tensors on one device, made once and shared by every run on it."""
+    """One domain's tensors on one device, made once and shared by every run on it. `precision` (bf16 or
+    fp32, `cpl_cache.runtime.resolve_precision`) is how the runs on it compute their matrix products."""
 
-    def __init__(self, data: CachedDomain, device: str, where: str | None = None) -> None:
-        self.data, self.device = data, device
+    def __init__(
+        self, data: CachedDomain, device: str, where: str | None = None, precision: str = "fp32"
+    ) -> None:
+        self.data, self.device, self.precision = data, device, precision
         self.where = where or f"the cache of {data.manifest.get('domain')}"
         check_domain(data, self.where)
         self.train, self.test, self.hold = data.rows("train"), data.rows("test"), data.rows("hold")
@@ -196,9 +208,10 @@ class DomainTensors:
 
 
 @torch.no_grad()
-def predict(head: nn.Module, x: Tensor) -> Tensor:
-    """Argmax class of every row, a chunk at a time."""
-    return torch.cat([head(x[i : i + EVAL_CHUNK]).argmax(dim=1) for i in range(0, len(x), EVAL_CHUNK)])
+def predict(head: nn.Module, x: Tensor, bf16: bool = False) -> Tensor:
+    """Argmax class of every row, a chunk at a time (matrix products in bfloat16 with `bf16`)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return torch.cat([head(x[i : i + EVAL_CHUNK]).argmax(dim=1) for i in range(0, len(x), EVAL_CHUNK)])
 
 
 def cosine(total: int) -> Callable[[int], float]:
@@ -215,12 +228,16 @@ def fit(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
-    evaluate: Callable[[int], Any] | None = None,
+    evaluate: Callable[[int], Sequence[bool] | None] | None = None,
     at: set[int] = frozenset(),
+    bf16: bool = False,
 ) -> Tensor:
     """Train a stack of heads on rows `x` (N, D), head h with `losses[h]` against `targets[h]` (N, K):
     AdamW with `groups[h]`'s lr and weight_decay, cosine schedule to zero, `steps` steps of `batch_size`
-    rows from one seeded permutation per pass. `evaluate(step)` runs at the steps in `at`.
+    rows from one seeded permutation per pass. `evaluate(step)` runs at the steps in `at` and may return
+    which heads go on training (successive halving): a stopped head takes no more steps, and the others
+    take exactly the steps they would have taken beside it. With `bf16` the heads' matrix products run
+    in bfloat16 under autocast (float32 accumulation); logits, losses, weights and AdamW stay float32.
 
     Returns, per head, whether every one of its losses was finite (read once, at the end)."""
     n = len(x)
@@ -234,9 +251,14 @@ def fit(
     distinct = list({id(t): t for t in targets}.values())
     which = [next(i for i, t in enumerate(distinct) if t is target) for target in targets]
     finite = torch.ones(len(heads), dtype=torch.bool, device=x.device)
+    live = list(range(len(heads)))
+    live_index = torch.arange(len(heads), device=x.device)
     for step in range(steps):
         if evaluate is not None and step in at:
-            evaluate(step)
+            running = evaluate(step)
+            if running is not None and sum(running) < len(live):
+                live = [h for h in live if running[h]]
+                live_index = torch.tensor(live, device=x.device)
         i = step % per_epoch
         if i == 0:  # a fresh order per pass, drawn on the CPU so every device sees the same one
             perm = torch.randperm(n, generator=generator).to(x.device)
@@ -244,12 +266,16 @@ def fit(
         xb = x.index_select(0, idx)
         tb = [t.index_select(0, idx) for t in distinct]
         progress = step / steps
-        values = [loss(head(xb), tb[w], progress) for head, loss, w in zip(heads, losses, which, strict=True)]
-        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = [heads[h](xb) for h in live]
+        logits = [s.float() if s.dtype == torch.bfloat16 else s for s in logits]  # losses in float32
+        values = [losses[h](s, tb[which[h]], progress) for h, s in zip(live, logits, strict=True)]
+        opt.zero_grad(set_to_none=True)  # a stopped head's gradients stay None: AdamW skips it
         torch.stack(values).sum().backward()
         opt.step()
         schedule.step()
-        finite &= torch.isfinite(torch.stack([v.detach() for v in values]))
+        ok = torch.isfinite(torch.stack([v.detach() for v in values]))
+        finite.index_copy_(0, live_index, finite.index_select(0, live_index) & ok)
     if evaluate is not None:
         evaluate(steps)
     return finite
@@ -282,6 +308,7 @@ class Trace:
     scores: list[int] | None
     finite: bool = True
     seconds: float = 0.0
+    stopped: int | None = None  # the step at which successive halving stopped it (None: it ran out)
 
     def load(self, k: int) -> nn.Module:
         """The head with its parameters as at checkpoint k."""
@@ -302,11 +329,17 @@ def checkpoints(cell: Cell, steps: int) -> list[int]:
 
 
 def train_stack(
-    trials: Sequence[Cell], view: Any, steps: int, scorers: Sequence[Callable[..., int] | None]
+    trials: Sequence[Cell],
+    view: Any,
+    steps: int,
+    scorers: Sequence[Callable[..., int] | None],
+    cells: Sequence[int] | None = None,
 ) -> list[Trace]:
     """Train trials (cells with every setting fixed) that share a head kind, a step count, a batch size
     and a seed as one stack on `view`'s train rows, saving each head's parameters at every checkpoint
-    and scoring it there with its scorer (None: not scored)."""
+    and scoring it there with its scorer (None: not scored). `cells[t]` says which cell trial t belongs
+    to: at the halving points of its cell's schedule (`hparams["halving"]`, select.go_on) the scored
+    trials of a cell that are clearly behind stop. None: every trial is its own cell (no halving)."""
     device, cache = view.device, view.data
     seed = trials[0].seed
     t0 = time.perf_counter()
@@ -319,19 +352,39 @@ def train_stack(
         Trace(c, h, [], [], [] if s is not None else None)
         for c, h, s in zip(trials, heads, scorers, strict=True)
     ]
+    bf16 = getattr(view, "precision", "fp32") == "bf16"
+    running = [True] * len(trials)
+    cells = list(range(len(trials))) if cells is None else list(cells)
+    members: dict[int, list[int]] = {}
+    for t, c in enumerate(cells):
+        if scorers[t] is not None:
+            members.setdefault(c, []).append(t)
+    halve = {c: halving_points(trials[ts[0]].hparams.get("halving") or (), at) for c, ts in members.items()}
 
-    def evaluate(step: int) -> None:
-        for tr, scorer in zip(traces, scorers, strict=True):
+    def evaluate(step: int) -> list[bool]:
+        k = at.index(step)
+        for t, (tr, scorer) in enumerate(zip(traces, scorers, strict=True)):
+            if not running[t]:
+                continue
             tr.steps.append(step)
             tr.snapshots.append([p.detach().clone() for p in _trained(tr.head)])
             if scorer is not None:
-                tr.scores.append(scorer(tr.head, tr.trial.method))
+                tr.scores.append(scorer(tr.head, tr.trial.method, bf16))
+        for c, ts in members.items():
+            if k in halve[c]:
+                rows = scorers[ts[0]].rows
+                on = go_on([traces[t].scores for t in ts], [running[t] for t in ts], rows)
+                for t, still in zip(ts, on, strict=True):
+                    if running[t] and not still:
+                        running[t], traces[t].stopped = False, step
+        return running
 
     if steps:
         finite = fit(
             heads, [c.loss_fn() for c in trials], [view.targets(c.method) for c in trials], view.x_train,
             [{"lr": c.hparams["lr"], "weight_decay": c.hparams["weight_decay"]} for c in trials],
             steps, trials[0].hparams["batch_size"], torch.Generator().manual_seed(seed), evaluate, set(at),
+            bf16,
         ).tolist()  # fmt: skip
     else:
         evaluate(0)
@@ -406,6 +459,7 @@ def _record(
         "stack": stack or [cell.name],
         "selection": selection or {"protocol": "none" if budget else None},
         "device": dt.device,
+        "precision": dt.precision,
         "cache": dt.data.identity(),
     }
 
@@ -513,7 +567,9 @@ def _run(
     flat = [(i, values, trial) for i, ts in zip(group, per_cell, strict=True) for values, trial in ts]
     scoring = {i: scorer if cells[i].hparams.get("select", "none") != "none" else None for i in group}
     steps = cells[group[0]].steps(n)
-    traces = train_stack([t for _, _, t in flat], view, steps, [scoring[i] for i, _, _ in flat])
+    traces = train_stack(
+        [t for _, _, t in flat], view, steps, [scoring[i] for i, _, _ in flat], [i for i, _, _ in flat]
+    )
     names = list(dict.fromkeys(cells[i].name for i in group))
     for i in group:
         mine = [(values, tr) for (j, values, _), tr in zip(flat, traces, strict=True) if j == i]
@@ -525,8 +581,9 @@ def _run(
             continue
         t, k = choose([tr.scores for _, tr in mine], [tr.finite for _, tr in mine])
         sel = selection_record(
-            scoring[i].protocol, scoring[i].what, [v for v, _ in mine], mine[0][1].steps,
+            scoring[i].protocol, scoring[i].what, [v for v, _ in mine], checkpoints(cells[i], steps),
             [tr.scores for _, tr in mine], scoring[i].rows, (t, k),
+            halving=cells[i].hparams.get("halving"), stopped=[tr.stopped for _, tr in mine],
         )  # fmt: skip
         if isinstance(view, SliceView):
             finish(i, (mine[t][1].trial, {**sel, "_seconds": seconds}, k))
@@ -564,10 +621,11 @@ def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = N
     `data` is the domain's cache, loaded unless given, or its `DomainTensors` on the run's device.
     """
     from cpl_cache.cache import domain_dir, load_domain
-    from cpl_cache.runtime import resolve_device
+    from cpl_cache.runtime import resolve_device, resolve_precision
 
     cell = Cell.of(cfg)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if data is None:
         data = load_domain(cfg.cache_dir, cfg.domain)
     cache = data.data if isinstance(data, DomainTensors) else data
@@ -575,8 +633,8 @@ def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = N
         raise ValueError(
             f"data holds domain {cache.manifest.get('domain')!r}, the config says {cfg.domain!r}"
         )
-    if isinstance(data, DomainTensors) and data.device == device:
+    if isinstance(data, DomainTensors) and data.device == device and data.precision == precision:
         dt = data
     else:
-        dt = DomainTensors(cache, device, str(domain_dir(cfg.cache_dir, cfg.domain)))
+        dt = DomainTensors(cache, device, str(domain_dir(cfg.cache_dir, cfg.domain)), precision)
     return train_cells([cell], dt, cfg.out)[0]
