@@ -45,7 +45,7 @@ import torch
 from cpl_cache.cache import load_domain, read_manifest
 from cpl_cache.errors import UserError
 from cpl_cache.pipeline import load_grid
-from cpl_cache.runtime import resolve_device, resolve_precision
+from cpl_cache.runtime import resolve_device
 from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
 from cpl_cache.train.methods import METHODS
 from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_cells
@@ -216,7 +216,7 @@ def domain_grid(
 
 def tensors(data, device: str, precision: str = "fp32") -> DomainTensors:
     """The domain's tensors on the device, made once, outside every timing."""
-    dt = DomainTensors(data, device, precision=resolve_precision(precision, device))
+    dt = DomainTensors(data, device, precision=precision)
     _ = dt.x_train, dt.x_test, dt.x_hold, dt.y_hold, dt.weak_train, dt.truth_train
     return dt
 

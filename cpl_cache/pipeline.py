@@ -380,7 +380,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     if summary.skipped < summary.cells:
         trainer = _trainer()
         device = resolve_device(cfg.device)  # once, so a bad --device fails before any training
-        precision = resolve_precision(cfg.precision, device)
+        resolve_precision(cfg.precision, device)  # likewise a bad --precision; each domain resolves its own
         bar = progress(
             total=summary.cells, initial=summary.skipped, unit="cell", desc="run", disable=not cfg.progress
         )
@@ -395,7 +395,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                     load_domain(cfg.cache_dir, domain),
                     device,
                     str(domain_dir(cfg.cache_dir, domain)),
-                    precision,
+                    cfg.precision,
                 )
                 bar.set_postfix_str(domain)
 

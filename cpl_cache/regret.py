@@ -79,8 +79,8 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
     from cpl_cache.train.select import HoldScore, choose, simulate_halving, trials
     from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_cells, train_stack
 
-    precision = resolve_precision(cfg.precision, cfg.device)
-    dt = DomainTensors(load_domain(cache_dir, domain), cfg.device, precision=precision)
+    resolve_precision(cfg.precision, cfg.device)
+    dt = DomainTensors(load_domain(cache_dir, domain), cfg.device, precision=cfg.precision)
     n = len(dt.train)
     out_dir = Path(tempfile.mkdtemp(prefix="regret-"))
     base = [Cell.of(TrainConfig(m, domain, cache_dir, seed=cfg.seed)) for m in ("weak", "zeroshot")]

@@ -33,13 +33,21 @@ def resolve_device(name: str = "auto") -> str:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# `auto` takes bf16 only for heads of at least this many weights (dim x classes, e.g. 512 x 256). Below
+# it the matrix products are too small to gain on a CPU (the zoo's caches of 64 to 256 dims train 0.73x to
+# 1.08x as fast in bf16 on 2 cores) and rounding moves a small cache's choices by up to 1.2 points;
+# at 512 x 345 (DomainNet's classes) bf16 trains the default protocol 1.34x as fast and moves no method
+# by more than 0.12 point, while at 768 x 100 (1.28x) one method moved 0.45, above the 0.3 we allow
+# (benchmarks/bench_precision.py, bench-results/precision.json).
+BF16_MIN_WEIGHTS = 2**17
 
 
-def resolve_precision(name: str, device: str) -> str:
+def resolve_precision(name: str, device: str, weights: int | None = None) -> str:
     """How stage two's matrix products run on `device`: `bf16` (autocast: bfloat16 products with float32
     accumulation, float32 weights, losses and optimiser state) or `fp32`. `auto` takes bf16 where the
     device computes it natively (a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or AMX: on other CPUs
-    it is emulated and slower) and fp32 elsewhere; `bf16` where it is not native is refused."""
+    it is emulated and slower) and the head has at least BF16_MIN_WEIGHTS `weights` (dim x classes; None:
+    unknown yet), and fp32 elsewhere; `bf16` where it is not native is refused."""
     import torch
 
     if name not in PRECISIONS:
@@ -54,6 +62,8 @@ def resolve_precision(name: str, device: str) -> str:
         native = False
     if name == "bf16" and not native:
         raise UserError(f"{device} has no native bfloat16 matrix products; pass --precision fp32 or auto")
+    if name == "auto" and weights is not None and weights < BF16_MIN_WEIGHTS:
+        return "fp32"
     return "bf16" if native else "fp32"
 
 

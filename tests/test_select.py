@@ -16,6 +16,8 @@ import torch
 from test_train import cli, one_line_error
 
 from cpl_cache.cache import SPLIT_CODES, load_domain
+from cpl_cache.errors import UserError
+from cpl_cache.runtime import BF16_MIN_WEIGHTS, resolve_precision
 from cpl_cache.synth.planted import PlantedConfig, permute_ground_truth, write_planted_cache
 from cpl_cache.train.heads import get_head
 from cpl_cache.train.methods import METHODS
@@ -270,3 +272,49 @@ def test_weak_refuses_a_domain_with_one_train_row(tmp_path: Path):
             "--select", "weak", "--out", str(tmp_path / "out"))  # fmt: skip
     one_line_error(r, "1 train row(s): --select weak needs at least 2")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- precision
+
+
+def _native_bf16() -> bool:
+    try:
+        return resolve_precision("bf16", "cpu") == "bf16"
+    except UserError:
+        return False
+
+
+NATIVE_BF16 = _native_bf16()
+# A head of 512 x 256 weights: `--precision auto` takes bf16 for it where the CPU has native bfloat16.
+WIDE = PlantedConfig(domain=DOMAIN, n_train=2000, n_hold=600, n_test=1500, dim=512, classes=256,
+                     weak_acc=0.5, image_noise=1.0, nuisance_noise=0.0, text_noise=0.8, seed=4)  # fmt: skip
+
+
+def test_auto_precision_takes_bf16_only_where_native_and_the_head_is_large(cache: Path, tmp_path: Path):
+    small = run(cache, tmp_path, precision="auto")
+    assert small["precision"] == "fp32"  # 24 x 8 weights: too small to gain from bf16
+    assert resolve_precision("auto", "cpu", BF16_MIN_WEIGHTS) == ("bf16" if NATIVE_BF16 else "fp32")
+    assert resolve_precision("auto", "cpu", BF16_MIN_WEIGHTS - 1) == "fp32"
+    assert resolve_precision("fp32", "cpu", 10**9) == "fp32"
+    r = cli("train", "--method", "cpl", "--domain", DOMAIN, "--cache-dir", str(cache), "--out",
+            str(tmp_path), "--precision", "half")  # fmt: skip
+    one_line_error(r, "unknown precision 'half'", "auto, bf16, fp32")
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bfloat16 matrix products")
+def test_bf16_stacked_candidates_equal_alone_and_stay_within_a_third_of_a_point_of_fp32(tmp_path: Path):
+    """In bf16 the stacked candidates give each cell the choice and test accuracy it gets alone, exactly;
+    against fp32 the test accuracy moves by at most 0.3 point."""
+    write_planted_cache(tmp_path, WIDE)
+    data = load_domain(tmp_path, DOMAIN)
+    methods = ["naive-lp", "cpl"]
+    cells = [Cell.of(TrainConfig(m, DOMAIN, tmp_path, seed=0, overrides=FAST)) for m in methods]
+    stacked = train_cells(cells, DomainTensors(data, "cpu", precision="auto"), tmp_path / "s")
+    for m, rec in zip(methods, stacked, strict=True):
+        assert rec["precision"] == "bf16"
+        alone = run(tmp_path, tmp_path / m, method=m, precision="auto")
+        assert rec["selection"]["chosen"] == alone["selection"]["chosen"], m
+        assert rec["metrics"]["test_acc"] == alone["metrics"]["test_acc"], m
+        fp32 = run(tmp_path, tmp_path / f"{m}-fp32", method=m, precision="fp32")
+        assert fp32["precision"] == "fp32"
+        assert abs(rec["metrics"]["test_acc"] - fp32["metrics"]["test_acc"]) <= 0.003, m

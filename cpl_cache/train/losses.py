@@ -16,6 +16,7 @@ Autograd differentiates every loss: adding one is one function and one line in `
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,12 +26,49 @@ from torch import Tensor
 Loss = Callable[[Tensor, Tensor, float], Tensor]
 
 
+# What a loss computes from the weak logits alone (their softmax, its log at a temperature, the argmax,
+# the balanced counts) is the same for every head of a stack, which all see one batch of targets: it is
+# computed once per batch and shared, keyed by the batch tensor's identity (checked through a weak
+# reference, so a freed batch is never mistaken for a new one) and version (an in-place change
+# recomputes). Targets never require gradients; a tensor that does is never shared.
+_WEAK_MEMO: dict[int, tuple[weakref.ref, int, dict]] = {}
+_WEAK_MEMO_SIZE = 8  # batches remembered: a step's distinct targets (weak logits, ground truth)
+
+
+def _of_weak(w: Tensor, key: tuple, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """fn(w), computed once per weak-logit batch `w` and `key` (fn's name and constants)."""
+    if w.requires_grad:
+        return fn(w)
+    entry = _WEAK_MEMO.get(id(w))
+    if entry is None or entry[0]() is not w or entry[1] != w._version:
+        if len(_WEAK_MEMO) >= _WEAK_MEMO_SIZE:
+            _WEAK_MEMO.clear()
+        entry = _WEAK_MEMO[id(w)] = (weakref.ref(w), w._version, {})
+    memo = entry[2]
+    if key not in memo:
+        memo[key] = fn(w)
+    return memo[key]
+
+
+def _weak_softmax(w: Tensor) -> Tensor:
+    return _of_weak(w, ("softmax",), lambda w: F.softmax(w, dim=1))
+
+
+def _weak_argmax(w: Tensor) -> Tensor:
+    return _of_weak(w, ("argmax",), lambda w: w.argmax(dim=1))
+
+
+def _weak_counts(w: Tensor) -> Tensor:
+    return _of_weak(w, ("counts",), lambda w: balanced_counts(_weak_softmax(w.detach())))
+
+
 def _kd_per_sample(s: Tensor, w: Tensor, T: float) -> Tensor:
     """T^2 * KL(softmax(w/T) || softmax(s/T)) for each row."""
     if T != 1.0:  # at the default T = 1 skip three elementwise passes (they dominate a step on the GPU)
-        s, w = s / T, w / T
-    log_pw = F.log_softmax(w, dim=1)
-    kl = (log_pw.exp() * (log_pw - F.log_softmax(s, dim=1))).sum(dim=1)
+        s = s / T
+    log_pw = _of_weak(w, ("log_softmax", T), lambda w: F.log_softmax(w / T if T != 1.0 else w, dim=1))
+    pw = _of_weak(w, ("softmax_of_log", T), lambda w: log_pw.exp())
+    kl = (pw * (log_pw - F.log_softmax(s, dim=1))).sum(dim=1)
     return kl if T == 1.0 else (T * T) * kl
 
 
@@ -41,12 +79,12 @@ def _ramp(progress: float, peak: float, span: float) -> float:
 
 def soft(s: Tensor, w: Tensor, progress: float = 0.0) -> Tensor:
     """Cross-entropy to softmax(w): the naive weak-to-strong baseline (Burns et al. 2023)."""
-    return -(F.softmax(w, dim=1) * F.log_softmax(s, dim=1)).sum(dim=1).mean()
+    return -(_weak_softmax(w) * F.log_softmax(s, dim=1)).sum(dim=1).mean()
 
 
 def hard(s: Tensor, w: Tensor, progress: float = 0.0) -> Tensor:
     """Cross-entropy to argmax(w)."""
-    return F.cross_entropy(s, w.argmax(dim=1))
+    return F.cross_entropy(s, _weak_argmax(w))
 
 
 def kd(s: Tensor, w: Tensor, progress: float = 0.0, *, T: float = 1.0) -> Tensor:
@@ -106,15 +144,15 @@ def balanced_hard(s: Tensor, w: Tensor) -> Tensor:
     """The student's class-balanced hard prediction (B,), detached: class k labels `balanced_counts` rows,
     those the student finds most probable for it (`_assign`). At K = 2: the rows whose p_0 lies below
     torch.quantile(p_0, mean softmax(w)_1) are class 1, as in openai/weak-to-strong's `logconf_loss_fn`."""
-    return _assign(F.softmax(s.detach(), dim=1), balanced_counts(F.softmax(w.detach(), dim=1)))
+    return _assign(F.softmax(s.detach(), dim=1), _weak_counts(w))
 
 
 def _self_mix(s: Tensor, w: Tensor, coef: float) -> Tensor:
     """CE(s, (1 - coef) softmax(w) + coef onehot(balanced_hard(s, w)))."""
-    pw = F.softmax(w, dim=1)
+    pw = _weak_softmax(w)
     target = pw
     if coef != 0.0:  # at zero weight the target is softmax(w) exactly: skip the hardening
-        hard_s = _assign(F.softmax(s.detach(), dim=1), balanced_counts(pw.detach()))
+        hard_s = _assign(F.softmax(s.detach(), dim=1), _weak_counts(w))
         target = (1.0 - coef) * pw + coef * F.one_hot(hard_s, s.shape[1]).to(pw.dtype)
     return -(target * F.log_softmax(s, dim=1)).sum(dim=1).mean()
 
@@ -176,7 +214,7 @@ def auxconf_argmax(
     coef = _ramp(progress, alpha, warmup)
     log_ps = F.log_softmax(s, dim=1)
     own = F.one_hot(s.detach().argmax(dim=1), s.shape[1]).to(s.dtype)
-    target = (1.0 - coef) * F.softmax(w, dim=1) + coef * own
+    target = (1.0 - coef) * _weak_softmax(w) + coef * own
     return -(target * log_ps).sum(dim=1).mean()
 
 
@@ -222,7 +260,7 @@ def _adaptive(s: Tensor, w: Tensor, tau: float, T: float, scale: float, own: Ten
     detached; `own` is the student's hardened prediction (B,)."""
     log_ps = F.log_softmax(s, dim=1)
     ce_self = -log_ps.gather(1, own[:, None]).squeeze(1)
-    ce_weak = -log_ps.gather(1, w.argmax(dim=1, keepdim=True)).squeeze(1)
+    ce_weak = -log_ps.gather(1, _weak_argmax(w)[:, None]).squeeze(1)
     a = scale * torch.sigmoid((ce_self - ce_weak).detach() / tau)
     return ((1.0 - a) * _kd_per_sample(s, w, T) + a * ce_self).mean()
 

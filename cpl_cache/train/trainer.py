@@ -144,13 +144,17 @@ def check_domain(data: CachedDomain, where: str) -> None:
 
 
 class DomainTensors:
-    """One domain's tensors on one device, made once and shared by every run on it. `precision` (bf16 or
-    fp32, `cpl_cache.runtime.resolve_precision`) is how the runs on it compute their matrix products."""
+    """One domain's tensors on one device, made once and shared by every run on it. `precision` (auto,
+    bf16 or fp32: `cpl_cache.runtime.resolve_precision`, for this domain's head size) is how the runs on
+    it compute their matrix products; `self.precision` is what it resolved to."""
 
     def __init__(
         self, data: CachedDomain, device: str, where: str | None = None, precision: str = "fp32"
     ) -> None:
-        self.data, self.device, self.precision = data, device, precision
+        from cpl_cache.runtime import resolve_precision
+
+        self.data, self.device = data, device
+        self.precision = resolve_precision(precision, device, data.dim * data.num_classes)
         self.where = where or f"the cache of {data.manifest.get('domain')}"
         check_domain(data, self.where)
         self.train, self.test, self.hold = data.rows("train"), data.rows("test"), data.rows("hold")
@@ -625,7 +629,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = N
 
     cell = Cell.of(cfg)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    resolve_precision(cfg.precision, device)  # a bad value fails before the cache loads
     if data is None:
         data = load_domain(cfg.cache_dir, cfg.domain)
     cache = data.data if isinstance(data, DomainTensors) else data
@@ -633,6 +637,7 @@ def run_training(cfg: TrainConfig, data: CachedDomain | DomainTensors | None = N
         raise ValueError(
             f"data holds domain {cache.manifest.get('domain')!r}, the config says {cfg.domain!r}"
         )
+    precision = resolve_precision(cfg.precision, device, cache.dim * cache.num_classes)
     if isinstance(data, DomainTensors) and data.device == device and data.precision == precision:
         dt = data
     else:
