@@ -669,6 +669,11 @@ def describe(cache_dir: Path | str, domain: str | None = None) -> str:
                 for code, cnt in enumerate(codes[:3]):
                     split_rows[SPLIT_NAMES[code]] += int(cnt)
         state = "complete" if m.get("complete") else "INCOMPLETE (rerun extract to resume)"
+        if m.get("complete") and not (ddir / TEXT_FILE).is_file():
+            state = (
+                f"complete but {TEXT_FILE} is missing (zero-shot and the proto and prompt heads need it: "
+                "rerun extract with --overwrite)"
+            )
         counts = ", ".join(f"{k} {v}" for k, v in split_rows.items())
         lines.append(
             f"{name}: {state}; {counts}; D={m['dim']} K={m['num_classes']}; "

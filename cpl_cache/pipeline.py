@@ -219,24 +219,41 @@ def restrict(
     methods: Sequence[str] | None = None,
     registry: Mapping[str, Any] | None = None,
 ) -> Grid:
-    """Replace the grid's domains, seeds or methods (e.g. a quick run); a method keeps its grid lines."""
-    specs = grid.methods
+    """The grid restricted to these domains, seeds or methods (e.g. a quick run), in the grid's order; a
+    method keeps its grid lines. A value the grid does not list, or one given twice, is refused."""
     if methods is not None:
         registry = _registry() if registry is None else registry
         for name in methods:
             if name not in registry:
                 raise UserError(f"unknown method {name!r} in --methods; valid methods: {', '.join(registry)}")
-        specs = tuple(
-            spec
-            for name in dict.fromkeys(methods)
-            for spec in ([m for m in grid.methods if m.method == name] or [MethodSpec(name)])
-        )
+    listed = list(dict.fromkeys(m.method for m in grid.methods))
+    keep = {
+        what: _subset(what, asked, have)
+        for what, asked, have in (("domains", domains, grid.domains), ("seeds", seeds, grid.seeds),
+                                  ("methods", methods, listed))
+    }  # fmt: skip
     return dataclasses.replace(
         grid,
-        domains=tuple(dict.fromkeys(domains)) if domains is not None else grid.domains,
-        seeds=tuple(dict.fromkeys(seeds)) if seeds is not None else grid.seeds,
-        methods=specs,
+        domains=keep["domains"] or grid.domains,
+        seeds=keep["seeds"] or grid.seeds,
+        methods=tuple(m for m in grid.methods if m.method in keep["methods"]) if methods else grid.methods,
     )
+
+
+def _subset(what: str, asked: Sequence[Any] | None, have: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The grid's values of `what` that `asked` names (None: no restriction)."""
+    if asked is None:
+        return None
+    twice = [str(v) for v in dict.fromkeys(asked) if list(asked).count(v) > 1]
+    if twice:
+        raise UserError(f"--{what} names {', '.join(twice)} more than once; give each once")
+    missing = [str(v) for v in asked if v not in have]
+    if missing:
+        raise UserError(
+            f"--{what} {', '.join(missing)}: not in the grid, which lists {', '.join(map(str, have))}; "
+            f"--{what} only restricts a grid: add the value to the grid file to run it"
+        )
+    return tuple(v for v in have if v in asked)
 
 
 # ------------------------------------------------------------------------------------ running

@@ -25,6 +25,10 @@ def resolve_device(name: str = "auto") -> str:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available; pass --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(
+            "device 'mps' requested but Apple's MPS is not available here; pass --device cpu or auto"
+        )
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "cuda" and "LOCAL_RANK" in os.environ:

@@ -518,3 +518,21 @@ def test_an_unfinished_cache_resumes_only_with_its_layout_unless_nothing_was_don
     with pytest.raises(UserError, match="another weak model.*--overwrite"):
         open_cache(ddir, other, overwrite=False, is_writer=True)
     assert open_cache(ddir, other, overwrite=True, is_writer=True)["shards"] == []
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda"])
+def test_a_device_that_is_not_there_is_one_line_and_writes_nothing(synth_dir, tmp_path, device):
+    import torch
+
+    if (device == "mps" and torch.backends.mps.is_available()) or (
+        device == "cuda" and torch.cuda.is_available()
+    ):
+        pytest.skip(f"{device} is available here")
+    root, _ = _copy_domain(synth_dir, tmp_path, "painting")
+    res = _extract_cli(synth_dir, root, tmp_path / "cache", "--device", device)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"device '{device}' requested" in lines[0] and "--device cpu" in lines[0], (
+        lines
+    )
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))

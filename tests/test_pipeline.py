@@ -214,14 +214,16 @@ def test_stale_results_are_recomputed(setup, capsys) -> None:
 def test_subsets_of_the_grid(setup) -> None:
     cfg, calls = setup
     sub = PipelineConfig(
-        **{**cfg.__dict__, "seeds": (1,), "methods": ("naive-lp", "zeroshot"), "domains": ("sketch",)}
+        **{**cfg.__dict__, "seeds": (1,), "methods": ("naive-lp", "cpl"), "domains": ("sketch",)}
     )
     summary = run_pipeline(sub)
-    assert summary.cells == 2 and sorted(c[1] for c in calls) == ["naive-lp", "zeroshot"]
-    # naive-lp keeps its grid line (epochs = 2); zeroshot is not in the grid and runs with its defaults
+    assert summary.cells == 2 and sorted(c[1] for c in calls) == ["cpl", "naive-lp"]
+    # naive-lp keeps its grid line (epochs = 2); a method the grid does not list is refused (below)
     assert sorted(p.name for p in (cfg.results / "sketch").iterdir()) == [
-        "naive-lp+epochs=2-seed1.json", "zeroshot-seed1.json"
+        "cpl-seed1.json", "naive-lp+epochs=2-seed1.json"
     ]  # fmt: skip
+    with pytest.raises(UserError, match="--methods zeroshot: not in the grid"):
+        run_pipeline(PipelineConfig(**{**cfg.__dict__, "methods": ("zeroshot",)}))
     with pytest.raises(UserError, match="unknown method 'cpll' in --methods"):
         run_pipeline(PipelineConfig(**{**cfg.__dict__, "methods": ("cpll",)}))
 
@@ -240,9 +242,11 @@ def test_table_from_a_run_equals_the_mean_of_its_files(setup) -> None:
         assert rows["cpl"]["cells"][d]["mean"] == pytest.approx(100 * np.mean(accs))
 
 
-def test_missing_domain_fails_before_any_training(setup) -> None:
+def test_missing_domain_fails_before_any_training(setup, tmp_path: Path) -> None:
     cfg, calls = setup
-    sub = PipelineConfig(**{**cfg.__dict__, "domains": ("clipart", "real")})
+    grid = tmp_path / "with-real.toml"
+    grid.write_text(GRID.replace('domains = ["clipart", "sketch"]', 'domains = ["clipart", "real"]'))
+    sub = PipelineConfig(**{**cfg.__dict__, "pipeline": grid})
     with pytest.raises(UserError, match=r"no cache of real .*cpl-cache extract.*--domains clipart"):
         run_pipeline(sub)
     assert calls == [] and not cfg.results.exists()
@@ -271,5 +275,24 @@ def test_run_command(setup) -> None:
     assert "4 cell(s): 4 trained, 0 already done" in res.output
     res = CliRunner().invoke(app, [*args, "--seeds", "0,x"])
     assert res.exit_code == 2 and "--seeds" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(app, [*args, "--domains", "real"])
-    assert res.exit_code == 2 and "cpl-cache extract" in res.output
+    res = CliRunner().invoke(app, [*args, "--domains", "real"])  # not in the grid: nothing to restrict to
+    assert res.exit_code == 2 and "not in the grid" in res.output and "clipart, sketch" in res.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--seeds", "5", "--seeds 5: not in the grid, which lists 0, 1"),
+        ("--seeds", "0,0", "--seeds names 0 more than once"),
+        ("--methods", "kd-lp", "--methods kd-lp: not in the grid"),
+        ("--domains", "clipart,clipart", "--domains names clipart more than once"),
+    ],
+)
+def test_run_subsets_only_restrict_the_grid(setup, option: str, value: str, needle: str) -> None:
+    """`--seeds 5` and `--methods kd-lp` added cells the grid does not list, which the table then averaged
+    in; `--seeds 0,0` was accepted. Each is one line now, and nothing is trained."""
+    cfg, _ = setup
+    args = ["run", str(cfg.pipeline), "--cache-dir", str(cfg.cache_dir), "--results", str(cfg.results)]
+    res = CliRunner().invoke(app, [*args, "--device", "cpu", option, value, "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and len(res.output.strip().splitlines()) == 1, res.output

@@ -326,12 +326,102 @@ def test_loss_constants_are_hyperparameters_of_the_run(clean: Path, tmp_path: Pa
         (["--seed", "-1"], ["--seed -1 is out of range", "2**32-1"]),
         (["--seed", str(2**32)], [f"--seed {2**32} is out of range"]),
         (["--lr", "nan"], ["lr must be a number > 0"]),
+        # every loss constant has a range (the reversed teacher at T = -1 trained to 7.5% with exit 0)
+        (["--set", "tau=-5"], ["tau must be a number > 0"]),
+        (["--set", "T=-1"], ["T must be a number > 0"]),
+        (["--set", "T=0"], ["T must be a number > 0"]),
+        (["--set", "T=[1.0, -1.0]"], ["T must be a number > 0"]),
+        # a request that trains nothing, and one that would train for years
+        (["--epochs", "0", "--set", "min_steps=0"], ["train nothing", "max(min_steps, epochs x steps"]),
+        (["--epochs", "1000000000000"], ["epochs must be an integer >= 0 and <= 1e+07"]),
+        (["--set", "min_steps=9223372036854775807"], ["min_steps must be an integer >= 0 and <= 1e+07"]),
+        (["--set", "min_steps=99999999999999999999"], ["min_steps must be an integer >= 0 and <= 1e+07"]),
+        (["--epochs", "9000000", "--batch-size", "1"], ["more than 10,000,000", "lower epochs or min_steps"]),
     ],
 )
 def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: Path, tmp_path: Path):
     base = ["train", "--method", "adaptconf-lp", "--domain", DOMAIN, "--cache-dir", str(clean)]
     one_line_error(cli(*base, "--out", str(tmp_path), *args), *needles)
     assert not (tmp_path / DOMAIN).exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "setting", "needle"),
+    [
+        ("auxconf-lp", "warmup=-3", "warmup must be a number >= 0 and <= 1"),
+        ("auxconf-lp", "alpha=1.5", "alpha must be a number >= 0 and <= 1"),
+        ("augconf-lp", "beta=-0.1", "beta must be a number >= 0 and <= 1"),
+        ("augconf-lp", "ramp=2", "ramp must be a number >= 0 and <= 1"),
+    ],
+)
+def test_loss_constants_out_of_range_are_one_line(
+    method: str, setting: str, needle: str, clean: Path, tmp_path
+):
+    base = [
+        "train",
+        "--method",
+        method,
+        "--domain",
+        DOMAIN,
+        "--cache-dir",
+        str(clean),
+        "--out",
+        str(tmp_path),
+    ]
+    one_line_error(cli(*base, "--set", setting), needle)
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_an_mps_device_that_is_not_there_is_one_line(command: str, clean: Path, tmp_path: Path):
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("mps is available here")
+    if command == "train":
+        args = [
+            "train",
+            "--method",
+            "cpl",
+            "--domain",
+            DOMAIN,
+            "--cache-dir",
+            str(clean),
+            "--out",
+            str(tmp_path),
+        ]
+    else:
+        grid = tmp_path / "grid.toml"
+        grid.write_text(f'domains = ["{DOMAIN}"]\nseeds = [0]\nmethods = ["cpl"]\n')
+        args = [
+            "run",
+            str(grid),
+            "--cache-dir",
+            str(clean),
+            "--results",
+            str(tmp_path / "r"),
+            "--no-progress",
+        ]
+    one_line_error(cli(*args, "--device", "mps"), "device 'mps' requested", "--device cpu")
+    assert not any(tmp_path.rglob("*.json"))
+
+
+def test_every_loss_constant_declares_its_range():
+    from cpl_cache.train.losses import LOSSES
+    from cpl_cache.train.methods import CONSTANTS, loss_constants
+
+    for name in LOSSES:
+        for key, default in loss_constants(name).items():
+            assert key in CONSTANTS, (name, key)
+            spec = CONSTANTS[key]
+            assert spec.minimum is not None or spec.maximum is not None, key
+            assert type(default) is spec.kind, (name, key)
+
+
+def test_zero_epochs_train_min_steps_as_the_readme_says(clean: Path, tmp_path: Path):
+    """A run takes max(min_steps, epochs x steps per epoch): at epochs = 0, min_steps (it trained none)."""
+    cfg = TrainConfig("naive-lp", DOMAIN, clean, tmp_path, 0, {"epochs": 0, "min_steps": 30}, "cpu", "none")
+    rec = run_training(cfg)
+    assert rec["steps"] == rec["budget"] == 30
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -353,3 +443,24 @@ def test_the_weak_model_is_beaten_on_an_independent_small_cache(tmp_path: Path):
     assert 0.45 < weak < 0.55
     assert acc["naive-lp"] > weak + 0.08 and acc["auxconf-lp"] > weak + 0.15 and acc["cpl"] > weak + 0.08
     assert acc["ceiling-lp"] > max(acc["naive-lp"], acc["auxconf-lp"]) and acc["ceiling"] > acc["cpl"]
+
+
+def test_a_missing_text_file_is_named_up_front_by_info_train_and_run(clean: Path, tmp_path: Path):
+    """Without text.h5 `info` says so, and `run` stops before the first cell (it wrote the weak model's
+    result and only then failed), naming the file rather than suggesting a head zero-shot refuses."""
+    cache = tmp_path / "cache"
+    shutil.copytree(clean / DOMAIN, cache / DOMAIN)
+    (cache / DOMAIN / "text.h5").unlink()
+    info = cli("info", "--cache-dir", str(cache))
+    assert info.exit_code == 0 and "text.h5 is missing" in info.output, info.output
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'domains = ["{DOMAIN}"]\nseeds = [0]\nmethods = ["weak", "zeroshot", "naive-lp"]\n')
+    r = cli("run", str(grid), "--cache-dir", str(cache), "--results", str(tmp_path / "r"), "--no-progress")
+    one_line_error(r, "has no text.h5", "zeroshot", "--overwrite")
+    assert not any((tmp_path / "r").rglob("*.json"))
+    one_line_error(
+        cli(
+            "train", "--method", "cpl", "--domain", DOMAIN, "--cache-dir", str(cache), "--out", str(tmp_path)
+        ),
+        "has no text.h5",
+    )

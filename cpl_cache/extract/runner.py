@@ -144,6 +144,7 @@ def _run(cfg: ExtractConfig, dist: Dist, held: contextlib.ExitStack) -> dict[str
     from cpl_cache.runtime import resolve_device
 
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device)  # a device that is not there fails before anything is read or written
     images = load_dataset(
         cfg.dataset, Path(cfg.data_root), cfg.domain, hold_frac=cfg.hold_frac, split_seed=cfg.split_seed
     )
@@ -168,7 +169,6 @@ def _run(cfg: ExtractConfig, dist: Dist, held: contextlib.ExitStack) -> dict[str
         mapper.load_image_processor("strong", cfg.strong),
         mapper.load_image_processor("weak", cfg.weak),
     )
-    device = resolve_device(cfg.device)
     plans = mapper.plans_for(*processors, resize=cfg.resize, resize_on=cfg.resize_on, device=device)
 
     dim, k = int(strong_cfg.projection_dim), len(images.classes)

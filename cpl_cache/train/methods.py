@@ -19,19 +19,27 @@ from cpl_cache.errors import UserError
 
 @dataclass(frozen=True)
 class HParam:
-    """One overridable hyperparameter: its type, the smallest value it may take, and what it means."""
+    """One overridable hyperparameter: its type, the range it may take, and what it means."""
 
     kind: type
     help: str
     minimum: float | None = None
     positive: bool = False  # strictly above `minimum`
+    maximum: float | None = None
+
+
+# No run takes more optimiser steps than this (about a day of the Table 2 grid's steps on one GPU): a
+# larger request is a typo, refused in one line rather than run for years.
+MAX_STEPS = 10_000_000
 
 
 HPARAMS: dict[str, HParam] = {
     "head": HParam(str, "the head: proto, linear or prompt"),
     "loss": HParam(str, "the loss (see `cpl-cache methods`)"),
-    "epochs": HParam(int, "passes over train", minimum=0),
-    "min_steps": HParam(int, "optimiser steps at least, whatever the domain's size", minimum=0),
+    "epochs": HParam(int, "passes over train", minimum=0, maximum=MAX_STEPS),
+    "min_steps": HParam(
+        int, "optimiser steps at least, whatever the domain's size", minimum=0, maximum=MAX_STEPS
+    ),
     "lr": HParam(float, "peak AdamW step size (cosine schedule to zero)", minimum=0, positive=True),
     "batch_size": HParam(int, "rows per step", minimum=1),
     "weight_decay": HParam(float, "AdamW's decoupled weight decay", minimum=0),
@@ -192,12 +200,31 @@ def _check(key: str, value: Any, spec: HParam, where: str) -> Any:
         ok = False
     if ok and spec.minimum is not None:
         ok = value > spec.minimum if spec.positive else value >= spec.minimum
+    if ok and spec.maximum is not None:
+        ok = value <= spec.maximum
     if not ok:
         what = {str: "a name", int: "an integer", float: "a number"}[kind]
         if spec.minimum is not None:
             what += f" {'>' if spec.positive else '>='} {spec.minimum:g}"
+        if spec.maximum is not None:
+            what += f"{' and' if spec.minimum is not None else ''} <= {spec.maximum:g}"
         raise UserError(f"{where}{key} must be {what} ({spec.help}), got {value!r}")
     return value
+
+
+# The range of every loss constant (`losses.py`'s keyword arguments), by name: a constant means the same
+# in every loss that takes it. A loss constant without an entry here is refused by the test suite.
+CONSTANTS: dict[str, HParam] = {
+    "T": HParam(float, "the distillation temperature", minimum=0, positive=True),
+    "tau": HParam(float, "AdaptConf's temperature of the per-row weight", minimum=0, positive=True),
+    "alpha": HParam(float, "AuxConf's final weight of the student's own hard labels", minimum=0, maximum=1),
+    "beta": HParam(float, "AugConf's final weight of the student's own hard labels", minimum=0, maximum=1),
+    "warmup": HParam(float, "the share of training over which a weight ramps up", minimum=0, maximum=1),
+    "ramp": HParam(float, "the share of training over which a weight ramps up", minimum=0, maximum=1),
+    "stairs": HParam(
+        int, "the number of equal parts of the staircase schedule", minimum=1, maximum=MAX_STEPS
+    ),
+}
 
 
 # How a run's reported point is chosen (cpl_cache.train.select): by accuracy on the hold rows' ground
@@ -254,7 +281,7 @@ def resolve_hparams(
     listed: dict[str, tuple[Any, ...]] = {}
     for key, value in overrides.items():
         kind = int if type(constants.get(key)) is int else float
-        spec = HPARAMS.get(key) or HParam(kind, f"a constant of the loss {loss}")
+        spec = HPARAMS.get(key) or CONSTANTS.get(key) or HParam(kind, f"a constant of the loss {loss}")
         if isinstance(value, (list, tuple)):
             if key not in CANDIDATE_KEYS and key not in constants:
                 raise UserError(
@@ -274,6 +301,11 @@ def resolve_hparams(
         else:
             checked[key] = _check(key, value, spec, where)
     get_head(checked.get("head", method.head))
+    if checked.get("epochs", method.epochs) == 0 and checked.get("min_steps", method.min_steps) == 0:
+        raise UserError(
+            f"{where}epochs = 0 and min_steps = 0 train nothing; a run takes max(min_steps, epochs x steps "
+            "per epoch) steps: set either above 0"
+        )
     record = {
         **{k: checked.get(k, v) for k, v in defaults.items()},
         "loss_args": {k: checked.get(k, v) for k, v in constants.items()},

@@ -37,7 +37,14 @@ from cpl_cache.errors import UserError
 from cpl_cache.runtime import check_seed
 from cpl_cache.train.heads import PROMPT_INIT, get_head
 from cpl_cache.train.losses import get_loss
-from cpl_cache.train.methods import DEFAULT_PROTOCOL, HPARAMS, Method, get_method, resolve_hparams
+from cpl_cache.train.methods import (
+    DEFAULT_PROTOCOL,
+    HPARAMS,
+    MAX_STEPS,
+    Method,
+    get_method,
+    resolve_hparams,
+)
 from cpl_cache.train.select import (
     HoldScore,
     SliceView,
@@ -99,9 +106,9 @@ class Cell:
         return cls(method, cfg.seed, hparams, name)
 
     def steps(self, n: int) -> int:
-        """Optimiser steps on n train rows: max(min_steps, epochs x steps per epoch); none at 0 epochs."""
+        """Optimiser steps on n train rows: max(min_steps, epochs x steps per epoch)."""
         hp = self.hparams
-        if not self.method.trains or hp["epochs"] == 0 or n == 0:
+        if not self.method.trains or n == 0:
             return 0
         return max(hp["min_steps"], hp["epochs"] * math.ceil(n / min(hp["batch_size"], n)))
 
@@ -489,10 +496,21 @@ def train_cells(
     in the order of `cells`. All candidates of a domain's cells that share `stack_key` train as one
     stack on all of train (`--select weak`: on train less a slice first, then the chosen on all)."""
     n = len(dt.train)
+    for c in cells:  # checked before anything is trained or written
+        if c.hparams.get("head") in ("proto", "prompt") and dt.data.text_embeds is None:
+            raise UserError(
+                f"{dt.where} has no text.h5, whose class text embeddings {c.method.name}'s "
+                f"{c.hparams['head']} head starts from; rerun extract for this domain with --overwrite"
+            )
     protocols = [protocol_of(c, dt) for c in cells]
     for c, p in zip(cells, protocols, strict=True):
         if c.steps(1) and n == 0:
             raise UserError(f"{dt.where} has no train rows to train on; extract the domain's train list too")
+        if c.steps(n) > MAX_STEPS:
+            raise UserError(
+                f"{c.name} would take {c.steps(n):,} steps on {dt.where}'s {n:,} train rows, more than "
+                f"{MAX_STEPS:,}; lower epochs or min_steps"
+            )
         if p == "weak" and n < 2:
             raise UserError(
                 f"{dt.where} has {n} train row(s): --select weak needs at least 2, one to hold out and one "
