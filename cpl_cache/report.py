@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -69,9 +70,12 @@ def method_kind(method: str) -> str:
 
 def method_label(method: str) -> str:
     """The paper's name for a method: `auxconf-lp` -> AuxConf+LP, `cpl+epochs=5` -> CPL (epochs=5)."""
-    base, _, variant = method.partition("+")
-    label = _base_label(base)
-    return f"{label} ({variant.replace('+', ', ')})" if variant else label
+    parts = _SETTING.split(method)  # `+key=value` settings; a value may hold "+" itself (lr=1e+30)
+    label = _base_label(parts[0])
+    return f"{label} ({', '.join(parts[1:])})" if len(parts) > 1 else label
+
+
+_SETTING = re.compile(r"\+(?=[A-Za-z_]\w*=)")
 
 
 def _base_label(method: str) -> str:
@@ -194,7 +198,7 @@ def _pgr(
         if seed not in ceiling:
             continue
         w, c = weak.get(seed, weak_mean), ceiling[seed]
-        if abs(c - w) > _EPS:
+        if c - w > _EPS:  # a ceiling at or below the weak model leaves no gap to recover: PGR is undefined
             per_seed.append((a - w) / (c - w))
     return statistics.fmean(per_seed) if per_seed else None
 
@@ -266,16 +270,19 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
         }  # fmt: skip
         rows.append({**row, "best": []})
 
-    # Mark the best weak-supervised value of every column (ties all marked).
+    # Mark the best weak-supervised value of every column (ties all marked); a cell with a flagged run
+    # (diverged or collapsed) is never marked, nor a row with one in its Avg or PGR.
     w2s = [r for r in rows if r["kind"] == "weak-supervised"]
     for col in [*domains, "avg"]:
-        vals = [r["cells"][col]["mean"] for r in w2s if r["cells"][col] is not None]
-        for r in w2s:
-            if vals and r["cells"][col] is not None and r["cells"][col]["mean"] >= max(vals) - _EPS:
+        ok = [r for r in w2s if r["cells"][col] is not None and not r["cells"][col]["flagged"]]
+        vals = [r["cells"][col]["mean"] for r in ok]
+        for r in ok:
+            if r["cells"][col]["mean"] >= max(vals) - _EPS:
                 r["best"].append(col)
-    pgrs = [r["pgr"]["avg"] for r in w2s if r["pgr"]["avg"] is not None]
-    for r in w2s:
-        if pgrs and r["pgr"]["avg"] is not None and r["pgr"]["avg"] >= max(pgrs) - _EPS:
+    ok = [r for r in w2s if r["pgr"]["avg"] is not None and not r["flagged"]]
+    pgrs = [r["pgr"]["avg"] for r in ok]
+    for r in ok:
+        if r["pgr"]["avg"] >= max(pgrs) - _EPS:
             r["best"].append("pgr")
 
     seeds_txt = ", ".join(map(str, all_seeds))
@@ -284,10 +291,14 @@ def build_table(records: Iterable[dict[str, Any]], *, ceiling: str = CEILING) ->
         "a cell with one seed has no ±.",
         "Avg: mean over the domains of the per-domain means (± over seeds of the per-seed averages); "
         "— where a method lacks a domain.",
-        f"PGR = (acc − weak) / (ceiling − weak) with `{reference(methods, ceiling)}` as the ceiling, per "
-        "domain and seed from the runs of the same seed, averaged over seeds, then over domains; undefined "
-        "where the ceiling equals the weak.",
-        "Bold: the best weak-supervised result of each column.",
+        (
+            f"PGR = (acc − weak) / (ceiling − weak) with `{reference(methods, ceiling)}` as the ceiling, per "
+            "domain and seed from the runs of the same seed, averaged over seeds, then over domains; "
+            "undefined (—) where the ceiling is not above the weak model."
+            if reference(methods, ceiling) is not None
+            else f"PGR: not computed, the results hold no `{ceiling}` run to measure the gap against."
+        ),
+        "Bold: the best weak-supervised result of each column, among cells with no flagged run.",
     ]
     if any(r["select"] for r in rows):
         notes.append(_selection_note(rows))

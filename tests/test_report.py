@@ -274,9 +274,9 @@ def test_flagged_runs_mark_their_cells_and_are_listed_under_the_markdown_table(f
     md = render_table(flagged, "markdown")
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in md.splitlines()
             if line.startswith("| ") and not line.startswith("| Method")}  # fmt: skip
-    # clipart, real, Avg, PGR
-    assert rows["CPL"] == ["**60.00 ± 0.00!**", "**60.00 ± 0.00**", "**60.00 ± 0.00!**", "**0.500!** |"]
-    assert rows["KD+LP"] == ["50.00 ± 0.00", "50.00 ± 0.00!", "50.00 ± 0.00!", "0.250! |"]
+    # clipart, real, Avg, PGR; a cell with a flagged run is never bold, so KD+LP is clipart's best
+    assert rows["CPL"] == ["60.00 ± 0.00!", "**60.00 ± 0.00**", "60.00 ± 0.00!", "0.500! |"]
+    assert rows["KD+LP"] == ["**50.00 ± 0.00**", "50.00 ± 0.00!", "50.00 ± 0.00!", "0.250! |"]
     for healthy in ("Weak", "Strong ceiling"):
         assert not any("!" in cell for cell in rows[healthy])
     notes = md.split("\n\n", 1)[1].splitlines()
@@ -399,3 +399,29 @@ def test_plot_refuses_what_it_cannot_draw(curves: Path, tmp_path: Path, monkeypa
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(UserError, match=r"cpl-cache\[plot\]"):
         plot_curves(curves, "painting", tmp_path / "a.png")
+
+
+def test_the_table_never_bolds_a_flagged_cell_nor_a_pgr_below_a_low_ceiling(tmp_path: Path) -> None:
+    """A diverged cell was bolded as the best; a PGR of 1.12 was bolded for a method 46 points below weak
+    where the ceiling sat below weak; without a ceiling the note read "with `None` as the ceiling"; and
+    `lr=1e+30` was labelled "(lr=1e, 30)"."""
+    root = tmp_path / "r"
+    write_record(root, "weak", "real", 0, 0.60)
+    write_record(root, "ceiling", "real", 0, 0.55)  # below the weak model
+    write_record(root, "naive-lp", "real", 0, 0.14)  # (0.14 - 0.60) / (0.55 - 0.60) = 9.2 if computed
+    write_record(root, "cpl", "real", 0, 0.90, flags=["non-finite loss"])
+    write_record(root, "kd-lp", "real", 0, 0.50)
+    table = build_table(load_results(root))
+    rows = {r["method"]: r for r in table["rows"]}
+    assert rows["naive-lp"]["pgr"]["avg"] is None and "pgr" not in rows["naive-lp"]["best"]
+    assert rows["cpl"]["best"] == [] and rows["kd-lp"]["best"] == ["real", "avg"]
+    md = render_table(root, "markdown")
+    assert "**90.00" not in md and "| KD+LP | **50.00** | **50.00** |" in md
+    assert "not above the weak model" in md
+    alone = tmp_path / "no-ceiling"
+    write_record(alone, "weak", "real", 0, 0.6)
+    write_record(alone, "cpl", "real", 0, 0.7)
+    md = render_table(alone, "markdown")
+    assert "`None`" not in md and "no `ceiling` run" in md
+    assert method_label("naive-lp+lr=1e+30") == "Naive+LP (lr=1e+30)"
+    assert method_label("cpl+loss=soft+epochs=3") == "CPL (loss=soft, epochs=3)"
