@@ -1,6 +1,6 @@
 """The feature cache, schema 1: shard writer, manifest, reader into tensors, and the checks.
 
-Layout (see DESIGN.md): `C/{domain}/manifest.json`, `C/{domain}/shard-00000.h5`, ...,
+Layout (docs/design.md): `C/{domain}/manifest.json`, `C/{domain}/shard-00000.h5`, ...,
 `C/{domain}/text.h5`. A shard is written under a temporary name and renamed when complete; the
 manifest is replaced atomically and lists only complete shards, so a crash never leaves a
 half-written shard that looks valid. Each shard carries its domain, its row range and a random id,

@@ -99,10 +99,22 @@ class Grid:
         return [(d, m, s) for d in self.domains for m in self.methods for s in self.seeds]
 
     def settings(self, spec: MethodSpec, registry: Mapping[str, Any]) -> dict[str, Any]:
-        """The overrides a cell passes to TrainConfig: the grid's defaults (for methods that train),
-        then the method line's own."""
-        trains = getattr(registry.get(spec.method), "trains", True)
-        return {**(dict(self.defaults) if trains else {}), **dict(spec.overrides)}
+        """The overrides a cell passes to TrainConfig: the grid's defaults (for methods that train; a
+        loss constant only where the cell's loss takes it, so `tau = 0.7` reaches the AdaptConf lines
+        alone), then the method line's own. A default no setting or loss knows is passed on, to be
+        refused as unknown."""
+        from cpl_cache.train.losses import LOSSES
+        from cpl_cache.train.methods import HPARAMS, loss_constants
+
+        method = registry.get(spec.method)
+        if not getattr(method, "trains", True):
+            return dict(spec.overrides)
+        own, given = dict(spec.overrides), dict(self.defaults)
+        loss = own.get("loss", given.get("loss", getattr(method, "loss", None)))
+        anywhere = {k for name in LOSSES for k in loss_constants(name)}
+        takes = set(loss_constants(loss)) if loss in LOSSES else anywhere
+        defaults = {k: v for k, v in given.items() if k in HPARAMS or k in takes or k not in anywhere}
+        return {**defaults, **own}
 
 
 def _str_list(raw: Any, key: str, where: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cpl_cache import pipeline
 from cpl_cache.cli import app
 from cpl_cache.errors import UserError
-from cpl_cache.pipeline import MethodSpec, PipelineConfig, load_grid, parse_grid, run_pipeline
+from cpl_cache.pipeline import MethodSpec, PipelineConfig, load_grid, parse_grid, plan, run_pipeline
 from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
 from cpl_cache.train.methods import METHODS
 
@@ -296,3 +296,20 @@ def test_run_subsets_only_restrict_the_grid(setup, option: str, value: str, need
     res = CliRunner().invoke(app, [*args, "--device", "cpu", option, value, "--no-progress"])
     assert res.exit_code == 2, res.output
     assert needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_a_default_loss_constant_reaches_only_the_losses_that_take_it(setup, tmp_path: Path) -> None:
+    """`[defaults] tau = 0.7` failed for every method whose loss has no tau; a typo still fails."""
+    cfg, _ = setup
+    grid = tmp_path / "tau.toml"
+    grid.write_text(
+        'domains = ["clipart"]\nseeds = [0]\nmethods = ["cpl", "adaptconf-lp"]\n[defaults]\ntau = 0.7\n'
+    )
+    cells = {c.cell.method.name: c.cell for c in plan(PipelineConfig(**{**cfg.__dict__, "pipeline": grid}))}
+    assert cells["adaptconf-lp"].hparams["loss_args"]["tau"] == 0.7 and cells["adaptconf-lp"].name.endswith(
+        "tau=0.7"
+    )
+    assert "tau" not in cells["cpl"].hparams["loss_args"] and cells["cpl"].name == "cpl"
+    grid.write_text(grid.read_text().replace("tau = 0.7", "taau = 0.7"))
+    with pytest.raises(UserError, match="unknown setting.*taau"):
+        plan(PipelineConfig(**{**cfg.__dict__, "pipeline": grid}))
