@@ -48,6 +48,7 @@ class RegretConfig:
     work: Path | None = None  # where the zoo caches are written (a temporary folder when None)
     overrides: tuple[tuple[str, Any], ...] = ()  # settings for every run (tests: a shorter budget)
     precision: str = "auto"  # the matrix products' precision (cpl_cache.runtime.resolve_precision)
+    progress: bool = True  # a line per cache on stderr
 
 
 def _sweep_overrides(method: Any) -> dict[str, list[float]]:
@@ -339,12 +340,13 @@ def run_regret(cfg: RegretConfig) -> dict[str, Any]:
             cfg.out.parent.mkdir(parents=True, exist_ok=True)
             cfg.out.write_text(json.dumps(report, indent=1) + "\n")
             worst = max(c["methods"].items(), key=lambda kv: kv[1]["regret_hold"])
-            print(
-                f"{name}: {c['wall']:.0f} s; weak {c['weak']:.1f}; worst hold regret "
-                f"{worst[1]['regret_hold']:.1f} ({worst[0]})",
-                file=sys.stderr,
-                flush=True,
-            )
+            if cfg.progress:
+                print(
+                    f"{name}: {c['wall']:.0f} s; weak {c['weak']:.1f}; worst hold regret "
+                    f"{worst[1]['regret_hold']:.1f} ({worst[0]})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if scratch is not None:
             scratch.cleanup()

@@ -116,6 +116,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     from cpl_cache.report import plot_curves, render_table_and_warnings
 
     t0 = time.perf_counter()
+    say = _say if cfg.progress else (lambda msg: None)  # progress lines; warnings are always said
     grid = load_grid(cfg.pipeline)
     grid_run = PipelineConfig(
         pipeline=cfg.pipeline, cache_dir=cfg.cache_dir, results=cfg.results, device=cfg.device,
@@ -124,7 +125,7 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     plan(grid_run)  # every cell's settings checked before hours of extraction
     dataset = cfg.dataset or grid.dataset or "domainnet"
     if cfg.dataset and grid.dataset and cfg.dataset != grid.dataset:
-        _say(f"cpl-cache: --dataset {cfg.dataset} overrides the grid's dataset {grid.dataset}")
+        say(f"cpl-cache: --dataset {cfg.dataset} overrides the grid's dataset {grid.dataset}")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; use one of {', '.join(sorted(DATASETS))}")
     cfg = dataclasses.replace(cfg, dataset=dataset)
@@ -132,17 +133,17 @@ def reproduce(cfg: ReproduceConfig) -> dict[str, Any]:
     for domain in grid.domains:
         weak = cfg.weak_dir / domain
         if not _weak_is_trained(weak):
-            _say(f"cpl-cache: train-weak {domain} -> {weak}")
+            say(f"cpl-cache: train-weak {domain} -> {weak}")
             _train_weak(cfg, domain, weak)
             did["train-weak"].append(domain)
         if not _cache_is_complete(cfg.cache_dir, domain):
-            _say(f"cpl-cache: extract {domain} -> {cfg.cache_dir / domain}")
+            say(f"cpl-cache: extract {domain} -> {cfg.cache_dir / domain}")
             _extract(cfg, domain, weak)
             did["extract"].append(domain)
 
     summary = run_pipeline(grid_run)
     did["cells"] = summary.ran
-    _say(f"cpl-cache: {summary.line()}")
+    say(f"cpl-cache: {summary.line()}")
 
     table, warnings = render_table_and_warnings(cfg.results, "markdown")
     for warning in warnings:

@@ -56,3 +56,25 @@ def test_every_file_the_readme_links_or_names_is_in_the_repository():
         if not target.startswith(("http://", "https://")):
             assert (root / target).exists(), target
     assert "DESIGN.md" not in README.replace("docs/design.md", "")
+
+
+def _helps() -> dict[str, str]:
+    names = [c.name for c in app.registered_commands]
+    return {n: CliRunner().invoke(app, [n, "--help"], terminal_width=200).output for n in names}
+
+
+def test_every_command_takes_progress_and_no_progress():
+    """The README says `--no-progress` is silent; eight commands rejected it."""
+    for name, help_text in _helps().items():
+        assert "--progress" in help_text and "--no-progress" in help_text, name
+
+
+def test_every_flag_the_readme_gives_a_command_is_one_of_its_options():
+    helps = _helps()
+    for line in README.splitlines():
+        for m in re.finditer(r"cpl-cache ([a-z-]+)([^`|]*)", line):
+            name, rest = m.group(1), m.group(2)
+            if name not in helps:
+                continue
+            for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest):
+                assert option in helps[name], (name, option, line)
