@@ -294,14 +294,16 @@ class PipelineSummary:
     cells: int = 0
     ran: int = 0
     skipped: int = 0
+    claimed: int = 0  # left to another run that holds their claim
     stale: list[str] = field(default_factory=list)
     seconds: float = 0.0
     results: Path = Path("results")
 
     def line(self) -> str:
         stale = f" ({len(self.stale)} of them stale)" if self.stale else ""
+        others = f", {self.claimed} left to another run training them" if self.claimed else ""
         return (
-            f"{self.cells} cell(s): {self.ran} trained{stale}, {self.skipped} already done; "
+            f"{self.cells} cell(s): {self.ran} trained{stale}, {self.skipped} already done{others}; "
             f"results in {self.results} ({self.seconds:.1f} s)"
         )
 
@@ -386,11 +388,13 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
     """Run every cell of the grid that has no up-to-date result; return what was done.
 
     Each domain's cache is loaded once, and its missing cells train stacked (see cpl_cache.train.trainer)."""
+    from cpl_cache import claims
     from cpl_cache.cache import domain_dir, load_domain
     from cpl_cache.runtime import progress, resolve_device, resolve_precision
 
     start = time.perf_counter()
     cells = plan(cfg)
+    claims.sweep(Path(cfg.results))  # temporary files of runs that were killed
     domains = list(dict.fromkeys(c.domain for c in cells))
     fingerprints = _fingerprints(cfg, domains)
     summary = PipelineSummary(cells=len(cells), results=Path(cfg.results))
@@ -417,6 +421,16 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
             for note in notes:
                 bar.write(note, file=sys.stderr)
             for domain, pending in todo.items():
+                mine = [c for c in pending if claims.claim(c.path)]  # another run may be training the rest
+                if len(mine) < len(pending):
+                    summary.claimed += len(pending) - len(mine)
+                    bar.write(
+                        f"{len(pending) - len(mine)} cell(s) of {domain} are being trained by another run on "
+                        f"{cfg.results}; leaving them to it",
+                        file=sys.stderr,
+                    )
+                    bar.update(len(pending) - len(mine))
+                pending = mine
                 if not pending:
                     continue
                 bar.set_postfix_str(f"loading {domain}")
@@ -436,6 +450,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                     trainer.train_cells([c.cell for c in pending], data, Path(cfg.results), done)
                 except UserError as err:
                     raise UserError(f"{domain}: {err}") from None
+                finally:
+                    for c in pending:
+                        claims.release(c.path)
                 del data
         finally:
             bar.close()

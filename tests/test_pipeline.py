@@ -313,3 +313,33 @@ def test_a_default_loss_constant_reaches_only_the_losses_that_take_it(setup, tmp
     grid.write_text(grid.read_text().replace("tau = 0.7", "taau = 0.7"))
     with pytest.raises(UserError, match="unknown setting.*taau"):
         plan(PipelineConfig(**{**cfg.__dict__, "pipeline": grid}))
+
+
+def test_two_runs_on_one_results_folder_never_train_the_same_cell(setup) -> None:
+    """A cell claimed by a live process is left to it and said so; a stale claim (its process is gone)
+    is taken over; a killed run's temporary file is removed; the claims are released."""
+    import os
+    import subprocess
+    import sys
+
+    from cpl_cache import claims
+
+    cfg, calls = setup
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    live = cfg.results / "clipart" / "cpl-seed0.json"
+    stale = cfg.results / "clipart" / "cpl-seed1.json"
+    for path, pid in ((live, os.getppid()), (stale, dead_pid)):
+        claims.lock_path(path).parent.mkdir(parents=True, exist_ok=True)
+        claims.lock_path(path).write_text(str(pid))
+    leftover = cfg.results / "clipart" / f".weak-seed0.json.tmp-{dead_pid}"
+    leftover.write_text("{partial")
+    summary = run_pipeline(cfg)
+    assert summary.claimed == 1 and "left to another run" in summary.line()
+    assert not live.exists() and stale.exists() and summary.ran == summary.cells - 1
+    assert not leftover.exists() and claims.lock_path(live).read_text() == str(os.getppid())
+    assert not claims.lock_path(stale).exists()  # taken over, then released
+    claims.lock_path(live).unlink()
+    assert run_pipeline(cfg).ran == 1  # the cell the other run held, now free
