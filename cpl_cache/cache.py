@@ -585,7 +585,9 @@ def load_domain(
             raise UserError(
                 f"shard {path} holds rows outside its range {entry['range']}; rerun extract with --overwrite"
             )
+        _check_rows(path, out["split"][start : start + n], out["image_embeds"][start : start + n])
         start += n
+    _check_counts(ddir, manifest, out["split"])
 
     # Rows of several ranks may interleave; order by index so every consumer sees one order.
     if total and np.any(np.diff(out["index"]) < 0):
@@ -641,6 +643,43 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} GiB"
 
 
+def _check_rows(path: Path, split: np.ndarray, embeds: np.ndarray) -> None:
+    """Refuse split codes other than 0, 1, 2 (rows that no split would ever read) and image embeddings
+    that are NaN, infinite or all zero (rows that would be scored as predictions), naming the shard."""
+    bad = split > max(SPLIT_CODES.values())
+    if bad.any():
+        raise UserError(
+            f"shard {path} has {int(bad.sum())} row(s) of split {sorted(set(split[bad].tolist()))}, not 0 "
+            "(train), 1 (hold) or 2 (test); the cache is damaged: rerun extract with --overwrite"
+        )
+    broken = ~np.isfinite(embeds).all(axis=1) | ~(embeds != 0).any(axis=1)
+    if broken.any():
+        where = ", ".join(
+            f"{name} {int((broken & (split == code)).sum())}" for name, code in SPLIT_CODES.items()
+            if (broken & (split == code)).any()
+        )  # fmt: skip
+        raise UserError(
+            f"shard {path} has {int(broken.sum())} image embedding(s) that are NaN, infinite or all zero "
+            f"({where}); the cache is damaged: rerun extract with --overwrite"
+        )
+
+
+def _check_counts(ddir: Path, manifest: dict[str, Any], split: np.ndarray) -> None:
+    """The rows per split the shards hold against the manifest's counts (less the images it skipped)."""
+    if not manifest.get("complete"):
+        return
+    have = {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()}
+    want = {name: int(manifest["counts"].get(name, 0)) for name in SPLIT_CODES}
+    skipped = len(manifest.get("skipped", []))
+    exact = skipped == 0 and have != want
+    short = sum(want.values()) - skipped != sum(have.values()) or any(have[k] > want[k] for k in want)
+    if exact or short:
+        raise UserError(
+            f"{ddir / MANIFEST} counts {want} rows per split (less {skipped} skipped) but the shards hold "
+            f"{have}; the cache is damaged: rerun extract with --overwrite"
+        )
+
+
 def describe(cache_dir: Path | str, domain: str | None = None) -> str:
     """Models, counts per split, dimensions and size on disk, checking every shard opens."""
     cache_dir = Path(cache_dir)
@@ -657,6 +696,7 @@ def describe(cache_dir: Path | str, domain: str | None = None) -> str:
         m = read_manifest(cache_dir, name, require_complete=False)
         ddir = domain_dir(cache_dir, name)
         split_rows = dict.fromkeys(SPLIT_CODES, 0)
+        splits: list[np.ndarray] = []
         for entry in m["shards"]:
             with _open_shard(ddir / entry["file"]) as f:
                 _check_shard(ddir / entry["file"], f, entry, name)
@@ -665,9 +705,13 @@ def describe(cache_dir: Path | str, domain: str | None = None) -> str:
                         f"shard {ddir / entry['file']} has {f['index'].shape[0]} rows, the manifest says "
                         f"{entry['rows']}; rerun extract with --overwrite"
                     )
-                codes = np.bincount(f["split"][:], minlength=3)
+                split = f["split"][:]
+                _check_rows(ddir / entry["file"], split, f["image_embeds"][:])
+                splits.append(split)
+                codes = np.bincount(split, minlength=3)
                 for code, cnt in enumerate(codes[:3]):
                     split_rows[SPLIT_NAMES[code]] += int(cnt)
+        _check_counts(ddir, m, np.concatenate(splits) if splits else np.empty(0, np.uint8))
         state = "complete" if m.get("complete") else "INCOMPLETE (rerun extract to resume)"
         if m.get("complete") and not (ddir / TEXT_FILE).is_file():
             state = (

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cpl_cache.cache import (
+    SPLIT_CODES,
     ShardWriter,
     atomic_write_text,
     describe,
@@ -67,6 +68,8 @@ def _write_cache(root, domain="clipart", sizes=(13, 5, 9), shard_size=6, seed=0)
         start += n
     writer.flush()
     write_text(ddir, np.eye(K, D, dtype=np.float32), [f"a photo of a c{k}." for k in range(K)], 100.0)
+    split = np.concatenate([b["split"] for b in batches])
+    manifest["counts"] = {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()}
     manifest["complete"] = True
     write_manifest(ddir, manifest)
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -426,3 +429,45 @@ def test_train_on_a_full_disk_is_one_line_naming_the_results_file_and_leaves_no_
     want = f"cannot write {tmp_path / 'results' / 'real' / 'weak-seed0.json'} (No space left on device)"
     assert len(lines) == 1 and want in lines[0], result.stderr
     assert list((tmp_path / "results" / "real").iterdir()) == []
+
+
+def _set_rows(root, key, value, rows=(1, 2, 3), shard="shard-00001.h5"):
+    with h5py.File(root / "clipart" / shard, "r+") as f:
+        data = f[key][:]
+        data[list(rows)] = value
+        f[key][:] = data
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda r: _set_rows(r, "image_embeds", np.nan),
+            "3 image embedding(s) that are NaN, infinite or all zero",
+        ),
+        (
+            lambda r: _set_rows(r, "image_embeds", np.inf),
+            "3 image embedding(s) that are NaN, infinite or all zero",
+        ),
+        (
+            lambda r: _set_rows(r, "image_embeds", 0.0),
+            "3 image embedding(s) that are NaN, infinite or all zero",
+        ),
+        (lambda r: _set_rows(r, "split", 7), "3 row(s) of split [7], not 0 (train), 1 (hold) or 2 (test)"),
+        (
+            lambda r: _edit_manifest(r, lambda m: m["counts"].update(test=m["counts"]["test"] + 3)),
+            "but the shards hold",
+        ),
+    ],
+)
+def test_broken_rows_and_counts_are_refused_by_info_and_the_reader(tmp_path, damage, message):
+    """NaN, infinite or zero embeddings were scored as predictions, split codes outside 0-2 dropped rows
+    silently, and edited manifest counts were trusted: info and every reader refuse each, naming it."""
+    _write_cache(tmp_path)
+    damage(tmp_path)
+    result = _info("--cache-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    with pytest.raises(UserError, match="rerun extract with --overwrite"):
+        load_domain(tmp_path, "clipart")

@@ -443,8 +443,9 @@ def _sink(ddir: Path, manifest: dict, rank: int, world: int, ranges: dict):
 
 
 def _fake_rows(rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r = np.asarray(rows, np.int64)
-    return r, np.tile(r[:, None], (1, 2)).astype(np.float16), np.tile(r[:, None], (1, 3)).astype(np.float32)
+    r = np.asarray(rows, np.int64)  # embeddings row + 1: an all-zero embedding is refused as damage
+    embeds = np.tile(r[:, None] + 1, (1, 2)).astype(np.float16)
+    return r, embeds, np.tile(r[:, None], (1, 3)).astype(np.float32)
 
 
 def test_ranks_record_progress_and_rank_zero_lists_every_shard_once_all_are_done(tmp_path):
@@ -490,7 +491,7 @@ def test_ranks_record_progress_and_rank_zero_lists_every_shard_once_all_are_done
     assert not list(ddir.glob("progress-*"))
     got = load_domain(tmp_path, "d", with_text=False)
     assert got.index.tolist() == [0, 1, 2, 3, 4, 6, 7]
-    assert got.image_embeds[:, 0].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert got.image_embeds[:, 0].tolist() == [1, 2, 3, 4, 5, 7, 8]  # row + 1
 
 
 def test_an_unfinished_cache_resumes_only_with_its_layout_unless_nothing_was_done(tmp_path):
