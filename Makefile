@@ -48,15 +48,16 @@ readme-demo: demo ## Splice the demo's own table (demo/results/demo.md) into REA
 bench-cache: $(STAMP) ## Cache write/load benchmark against a flat numpy file (writes bench-results/cache.json)
 	$(OFFLINE) $(PY) benchmarks/bench_cache.py
 
-bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid stacked against one cell at a time, what --select costs, the planted LDA figures, the mixture cache's table, the *-tp epochs beside cpl (bench-results/train.json, train-select.json, planted-lda.json, mixture.json, prompt.json)
-	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid,reference
-	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts select --seeds 0 --json bench-results/train-select.json
+bench-train: $(STAMP) ## Stage-two benchmark: the Table 2 grid under the default protocol beside the fixed values in fp32, naive-lp against a DataLoader loop, bf16 against fp32 on the zoo, what halving gives up, the planted LDA figures, the mixture cache's table, the *-tp epochs (bench-results/train.json, precision.json, halving.json, planted-lda.json, mixture.json, prompt.json)
+	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid,reference --no-alone
+	$(OFFLINE) $(PY) benchmarks/bench_precision.py
+	$(OFFLINE) $(PY) benchmarks/bench_halving.py
 	$(OFFLINE) $(PY) benchmarks/planted_lda.py
 	$(OFFLINE) $(PY) benchmarks/mixture_table.py
 	$(OFFLINE) $(PY) benchmarks/bench_prompt.py
 
-bench-table: $(STAMP) ## The README's planted table: the grid's stacks only, three seeds (bench-results/train-table.json)
-	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid --no-alone --json bench-results/train-table.json
+bench-table: $(STAMP) ## The planted table at the fixed values: the grid's stacks only, three seeds, fp32 (bench-results/train-table.json)
+	$(OFFLINE) $(PY) benchmarks/bench_train.py --parts grid --no-alone --no-anchor --select none --precision fp32 --json bench-results/train-table.json
 
 bench-regret: $(STAMP) ## Tuning regret of every Table 2 method on the zoo of caches, per selection protocol, and what hold costs against none (bench-results/regret.json, select-cost.json)
 	$(OFFLINE) $(CLI) bench-regret --out bench-results/regret.json
