@@ -14,12 +14,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from bench_train import DOMAINNET
 
 from cpl_cache.cache import load_domain
-from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+from cpl_cache.synth.planted import PlantedConfig, lda, write_planted_cache
 
 # clipart's train list, and half its test list as test (bench_train's split); hold is not read here
 CLIPART = PlantedConfig(
@@ -27,17 +26,6 @@ CLIPART = PlantedConfig(
     dim=512, classes=345,
 )  # fmt: skip
 SETTINGS = {"current": {}, "earlier": {"image_noise": 5.0, "nuisance_noise": 6.0}}
-SHRINK = 0.05  # covariance shrinkage toward its mean variance
-
-
-def lda(x: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = torch.bincount(labels, minlength=classes).clamp(min=1).double()
-    means = torch.zeros(classes, x.shape[1], dtype=x.dtype).index_add_(0, labels, x) / counts[:, None]
-    resid = x - means[labels]
-    cov = resid.T @ resid / len(x)
-    cov = (1 - SHRINK) * cov + SHRINK * cov.diagonal().mean() * torch.eye(len(cov), dtype=x.dtype)
-    w = torch.linalg.solve(cov, means.T).T
-    return w, -0.5 * (w * means).sum(dim=1)
 
 
 def main() -> None:

@@ -537,3 +537,16 @@ def test_a_device_that_is_not_there_is_one_line_and_writes_nothing(synth_dir, tm
         lines
     )
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+def test_a_cache_of_another_shape_names_both_values():
+    """A wrong class count named neither the cache's value nor the one asked for ("a different classes")."""
+    from cpl_cache.extract.writer import identity_mismatch
+
+    base = {"dataset": "domainnet", "domain": "d", "classes": ["a", "b", "c"], "dim": 512}
+    assert identity_mismatch(base, {**base, "classes": ["a", "b"]}) == "3 classes (this run: 2)"
+    assert identity_mismatch(base, {**base, "classes": ["a", "x", "c"]}) == (
+        "other class names (class 1: 'b', this run 'x')"
+    )
+    assert identity_mismatch(base, {**base, "dim": 768}) == "dim 512 (this run: 768)"
+    assert identity_mismatch(base, dict(base)) is None

@@ -231,3 +231,19 @@ def test_synth_shows_its_progress_and_logs_one_line_per_stage(tmp_path):
 
     res = CliRunner().invoke(app, ["synth", str(tmp_path / "q"), *args, "--no-progress"])
     assert res.exit_code == 0 and res.stderr == "", res.output
+
+
+def test_synth_cache_says_when_even_a_ceiling_would_be_near_chance(tmp_path):
+    """600 rows of 32 dims made a cache where the ground-truth ceiling sat near chance, silently."""
+    from typer.testing import CliRunner
+
+    from cpl_cache.cli import app
+
+    base = ["synth-cache", "--cache-dir", str(tmp_path), "--domain", "clipart", "--overwrite"]
+    weak = CliRunner().invoke(
+        app, [*base, "--train", "600", "--test", "200", "--dim", "32", "--classes", "10"]
+    )
+    assert weak.exit_code == 0 and "barely separate its classes" in weak.stderr, weak.output
+    assert "chance 10.0%" in weak.stderr
+    fine = CliRunner().invoke(app, [*base, "--train", "2000", "--test", "500"])
+    assert fine.exit_code == 0 and "barely separate" not in fine.stderr, fine.output

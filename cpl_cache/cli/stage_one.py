@@ -35,6 +35,9 @@ def info_cmd(
     typer.echo(describe(cache_dir, domain))
 
 
+SEPARABLE = 2.0  # synth-cache warns when LDA from ground truth is below this many times chance
+
+
 @command("synth-cache")
 def synth_cache_cmd(
     cache_dir: CacheDir,
@@ -51,7 +54,7 @@ def synth_cache_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Write a planted feature cache in schema 1 (no images): for benchmarks and tests of stage two."""
-    from cpl_cache.synth.planted import PlantedConfig, write_planted_cache
+    from cpl_cache.synth.planted import PlantedConfig, separability, write_planted_cache
 
     check_seed(seed)
     cfg = PlantedConfig(
@@ -70,6 +73,14 @@ def synth_cache_cmd(
         f"planted {domain}: {stats['rows']} rows in {stats['shards']} shard(s) under {cache_dir / domain}; "
         f"weak acc {stats['weak_acc']:.3f}"
     )
+    floor, chance = separability(cache_dir, domain)
+    if floor < SEPARABLE * chance:  # a cache where even a ground-truth ceiling would be near chance
+        typer.echo(
+            f"cpl-cache: warning: the strong features of {domain} barely separate its classes (LDA "
+            f"from ground truth: {floor:.1%} on test, chance {chance:.1%}): even a ceiling will "
+            "be near chance; give more train rows or dimensions",
+            err=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

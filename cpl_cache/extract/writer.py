@@ -146,10 +146,18 @@ def identity_mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         if not same:
             if key in ("strong", "weak"):
                 return f"another {key} model ({(a or {}).get('id')!r}, this run {(b or {}).get('id')!r})"
-            if key in ("dataset", "domain"):
-                return f"{key} {a!r} (this run: {b!r})"
-            return f"a different {key}"
+            if key == "classes" and isinstance(a, list) and isinstance(b, list):
+                if len(a) != len(b):
+                    return f"{len(a)} classes (this run: {len(b)})"
+                i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+                return f"other class names (class {i}: {a[i]!r}, this run {b[i]!r})"
+            return f"{key} {_short(a)} (this run: {_short(b)})"
     return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _continue(ddir: Path, fresh: dict[str, Any], is_writer: bool) -> dict[str, Any]:

@@ -303,3 +303,38 @@ def permute_ground_truth(ddir: Path, seed: int = 0) -> None:
                 rows = np.flatnonzero(split == code)
                 labels[rows] = labels[rng.permutation(rows)]
             f["labels"][:] = labels
+
+
+LDA_SHRINK = 0.05  # covariance shrinkage toward its mean variance
+
+
+def lda(x: Any, labels: Any, classes: int, shrink: float = LDA_SHRINK) -> tuple[Any, Any]:
+    """Linear discriminant analysis (class means and one shared, shrunk covariance) on torch tensors:
+    the weights (K, D) and biases (K,) of its linear classifier."""
+    import torch
+
+    counts = torch.bincount(labels, minlength=classes).clamp(min=1).to(x.dtype)
+    means = torch.zeros(classes, x.shape[1], dtype=x.dtype).index_add_(0, labels, x) / counts[:, None]
+    resid = x - means[labels]
+    cov = resid.T @ resid / len(x)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=x.dtype)
+    w = torch.linalg.solve(cov, means.T).T
+    return w, -0.5 * (w * means).sum(dim=1)
+
+
+def separability(cache_dir: Path | str, domain: str) -> tuple[float, float]:
+    """How well a cache's strong features separate its classes: the test accuracy of LDA fit on the
+    train rows' ground truth (a linear ceiling, cheap), and chance (1 / K)."""
+    import torch.nn.functional as F
+
+    from cpl_cache.cache import SPLIT_CODES, load_domain
+
+    data = load_domain(cache_dir, domain, with_text=False)
+    x = F.normalize(data.image_embeds.double(), dim=1)
+    y, K = data.labels.long(), data.num_classes
+    train, test = data.split == SPLIT_CODES["train"], data.split == SPLIT_CODES["test"]
+    if not bool(train.any()) or not bool(test.any()):
+        return float("nan"), 1.0 / K
+    w, b = lda(x[train], y[train], K)
+    pred = (x[test] @ w.T + b).argmax(dim=1)
+    return float((pred == y[test]).double().mean()), 1.0 / K
