@@ -150,6 +150,11 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def train_args(method: str, cache: Path, out: Path) -> list[str]:
+    """`cpl-cache train` of `method` on the test domain of `cache`, results under `out`."""
+    return ["train", "--method", method, "--domain", DOMAIN, "--cache-dir", str(cache), "--out", str(out)]
+
+
 def one_line_error(result, *needles: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -357,18 +362,7 @@ def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: P
 def test_loss_constants_out_of_range_are_one_line(
     method: str, setting: str, needle: str, clean: Path, tmp_path
 ):
-    base = [
-        "train",
-        "--method",
-        method,
-        "--domain",
-        DOMAIN,
-        "--cache-dir",
-        str(clean),
-        "--out",
-        str(tmp_path),
-    ]
-    one_line_error(cli(*base, "--set", setting), needle)
+    one_line_error(cli(*train_args(method, clean, tmp_path), "--set", setting), needle)
 
 
 @pytest.mark.parametrize("command", ["train", "run"])
@@ -378,17 +372,7 @@ def test_an_mps_device_that_is_not_there_is_one_line(command: str, clean: Path, 
     if torch.backends.mps.is_available():
         pytest.skip("mps is available here")
     if command == "train":
-        args = [
-            "train",
-            "--method",
-            "cpl",
-            "--domain",
-            DOMAIN,
-            "--cache-dir",
-            str(clean),
-            "--out",
-            str(tmp_path),
-        ]
+        args = train_args("cpl", clean, tmp_path)
     else:
         grid = tmp_path / "grid.toml"
         grid.write_text(f'domains = ["{DOMAIN}"]\nseeds = [0]\nmethods = ["cpl"]\n')
