@@ -28,10 +28,10 @@ import torch
 
 import cpl_cache.train.select as select
 from cpl_cache.cache import load_domain
-from cpl_cache.regret import TABLE2, _accuracy
+from cpl_cache.regret import TABLE2, _accuracy, full_search
 from cpl_cache.synth.zoo import ZOO, write_zoo_cache
 from cpl_cache.train.methods import METHODS
-from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_stack
+from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig
 
 # The grids as they were before this benchmark narrowed ceiling-lp's weight decay.
 WIDE = {"ceiling-lp": {"weight_decay": [0.0, 1e-3, 1e-2, 1e-1]}}
@@ -49,17 +49,12 @@ def cache_runs(root: Path, name: str, seed: int) -> dict:
     t0 = time.perf_counter()
     write_zoo_cache(root, name, seed=seed, overwrite=True)
     dt = DomainTensors(load_domain(root, name), "cpu")
-    n, hold = len(dt.train), select.HoldScore(dt)
-    groups: dict = {}
-    for m in TABLE2:
-        cell = Cell.of(TrainConfig(m, name, root, seed=seed, overrides=WIDE.get(m, {})))
-        for values, trial in select.trials(cell):
-            groups.setdefault((trial.hparams["head"], trial.steps(n)), []).append((m, values, trial))
+    hold = select.HoldScore(dt)
+    cells = {m: Cell.of(TrainConfig(m, name, root, seed=seed, overrides=WIDE.get(m, {}))) for m in TABLE2}
     out = {m: {"candidates": [], "scores": [], "tests": [], "finite": []} for m in TABLE2}
-    for (_, steps), group in groups.items():
-        traces = train_stack([t for _, _, t in group], dt, steps, [hold] * len(group))
-        for (m, values, _), tr in zip(group, traces, strict=True):
-            r = out[m]
+    for m, runs in full_search(cells, dt, hold).items():
+        r = out[m]
+        for values, tr in runs:
             r["candidates"].append(values)
             r["scores"].append(tr.scores)
             r["finite"].append(tr.finite)
@@ -108,6 +103,7 @@ def main() -> None:
                 if args.runs:
                     args.runs.write_text(json.dumps(runs))
     halves = {"all": names, **{h: [n for n in names if ZOO[n].half == h] for h in ("tune", "judge")}}
+    halves = {h: ns for h, ns in halves.items() if ns}  # a subset of the zoo may lack a half
     registry = METHODS["naive-lp"].halving
     report: dict = {"seed": args.seed, "registry": {"schedule": list(registry), "keep": select.HALVING_KEEP,
                     "clear": select.HALVING_CLEAR}, "caches": {}, "schedules": [], "subsets": {}}  # fmt: skip
@@ -148,10 +144,10 @@ def main() -> None:
             }
     print(f"{'schedule':<16} {'keep':>5} {'clear':>5}  tune max/median/share   judge max/median/share")
     for row in report["schedules"]:
-        t, j = row["tune"], row["judge"]
-        print(f"{str(tuple(row['schedule'])):<16} {row['keep']:>5.2f} {row['clear']:>5.1f}  "
-              f"{t['max']:5.2f} {t['median']:5.2f} {t['share']:.2f}      {j['max']:5.2f} {j['median']:5.2f} "
-              f"{j['share']:.2f}")  # fmt: skip
+        cols = [f"{row[h]['max']:5.2f} {row[h]['median']:5.2f} {row[h]['share']:.2f}" if h in row
+                else f"{'-':>16}" for h in ("tune", "judge")]  # fmt: skip
+        head = f"{str(tuple(row['schedule'])):<16} {row['keep']:>5.2f} {row['clear']:>5.1f}"
+        print(f"{head}  {cols[0]}      {cols[1]}")
     for k, v in report["subsets"].items():
         print(f"{k}: loss max {v['max']:.2f}, median {v['median']:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ Parts, each timed in the same run:
   also trains one at a time through the same code (`cpl-cache train`'s path, the domain's tensors loaded
   once). Goals: the default protocol's grid no slower than the anchor and at least as accurate per
   method (1,409 s on 2 cores when the anchor was first measured; 10 s on one H100/H200).
-- select: clipart's cells of one seed under --select hold against --select none, in turns.
 - reference: on quickdraw, the reference loop written the common way (public weak-to-strong code: a
   DataLoader over a TensorDataset, batch 100, Adam lr 1e-3, cosine schedule, 10 epochs, soft weak labels)
   against `cpl-cache train --method naive-lp` under the default protocol, as a whole process (start,
@@ -227,23 +226,6 @@ def domain_cells(cache: Path, domain: str, seeds: list[int], select: str) -> lis
     ]
 
 
-def select_cost(cache: Path, seed: int, device: str, out: Path, turns: int = 2) -> dict:
-    """Clipart's stacked cells of one seed under the default protocol (`hold`) against the registry's
-    fixed values (`none`), timed in turns: what selection costs."""
-    dt = tensors(load_domain(cache, "clipart"), device)
-    plans = {
-        key: domain_cells(cache, "clipart", [seed], select)
-        for key, select in (("fixed", "none"), ("select", "hold"))
-    }
-    seconds: dict[str, float] = {"select": 0.0, "fixed": 0.0}
-    for _turn in range(turns):
-        for key, cells in plans.items():
-            where = out / key
-            seconds[key] += timed(device, lambda cells=cells, where=where: train_cells(cells, dt, where))[0]
-    ratio = seconds["select"] / seconds["fixed"]
-    return {**{f"{k}_s": v / turns for k, v in seconds.items()}, "ratio": ratio}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -252,7 +234,7 @@ def main() -> None:
         "--scale", type=float, default=1.0, help="multiply every size (e.g. 0.1 for a quick look)"
     )
     ap.add_argument("--domains", default=",".join(DOMAINNET), help="comma list")
-    ap.add_argument("--parts", default="grid,reference", help="comma list of: grid, reference, select")
+    ap.add_argument("--parts", default="grid,reference", help="comma list of: grid, reference")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument(
         "--root", type=Path, default=Path("bench-out/train"), help="where planted caches are kept"
@@ -332,9 +314,6 @@ def main() -> None:
                     "max_test_acc_diff": max(g["max_test_acc_diff"] for g in report["grid"]),
                 })  # fmt: skip
             print(f"grid: {json.dumps(report['grid_total'])}", flush=True)
-        if "select" in parts:
-            report["select"] = select_cost(planted(args.root, "clipart", args.scale), seeds[0], device, out)
-            print(f"select: {json.dumps(report['select'])}", flush=True)
         if "reference" in parts:
             cache = planted(args.root, "quickdraw", args.scale)
             data = load_domain(cache, "quickdraw")

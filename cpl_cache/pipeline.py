@@ -389,7 +389,6 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
 
     Each domain's cache is loaded once, and its missing cells train stacked (see cpl_cache.train.trainer)."""
     from cpl_cache import claims
-    from cpl_cache.cache import domain_dir, load_domain
     from cpl_cache.runtime import progress, resolve_device, resolve_precision
 
     start = time.perf_counter()
@@ -411,7 +410,6 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
             notes.append(f"recomputing {cell.label}: {why}")
 
     if summary.skipped < summary.cells:
-        trainer = _trainer()
         device = resolve_device(cfg.device)  # once, so a bad --device fails before any training
         resolve_precision(cfg.precision, device)  # likewise a bad --precision; each domain resolves its own
         bar = progress(
@@ -430,31 +428,42 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineSummary:
                         file=sys.stderr,
                     )
                     bar.update(len(pending) - len(mine))
-                pending = mine
-                if not pending:
+                if not mine:
                     continue
-                bar.set_postfix_str(f"loading {domain}")
-                data = trainer.DomainTensors(
-                    load_domain(cfg.cache_dir, domain),
-                    device,
-                    str(domain_dir(cfg.cache_dir, domain)),
-                    cfg.precision,
-                )
-                bar.set_postfix_str(domain)
-
-                def done(n: int) -> None:
-                    summary.ran += n
-                    bar.update(n)
-
-                try:
-                    trainer.train_cells([c.cell for c in pending], data, Path(cfg.results), done)
-                except UserError as err:
-                    raise UserError(f"{domain}: {err}") from None
+                try:  # the claims are given up however the domain ends, a bad cache included
+                    _train_domain(cfg, domain, mine, device, summary, bar)
                 finally:
-                    for c in pending:
+                    for c in mine:
                         claims.release(c.path)
-                del data
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _train_domain(
+    cfg: PipelineConfig,
+    domain: str,
+    cells: list[PlannedCell],
+    device: str,
+    summary: PipelineSummary,
+    bar: Any,
+) -> None:
+    """Load one domain's cache onto the device once and train its cells there, stacked."""
+    from cpl_cache.cache import domain_dir, load_domain
+
+    trainer = _trainer()
+    bar.set_postfix_str(f"loading {domain}")
+    data = trainer.DomainTensors(
+        load_domain(cfg.cache_dir, domain), device, str(domain_dir(cfg.cache_dir, domain)), cfg.precision
+    )
+    bar.set_postfix_str(domain)
+
+    def done(n: int) -> None:
+        summary.ran += n
+        bar.update(n)
+
+    try:
+        trainer.train_cells([c.cell for c in cells], data, Path(cfg.results), done)
+    except UserError as err:
+        raise UserError(f"{domain}: {err}") from None

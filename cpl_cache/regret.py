@@ -70,6 +70,26 @@ def _accuracy(trace: Any, k: int, x: Any, y: Any) -> float:
     return (predict(trace.load(k), x) == y).float().mean().item()
 
 
+def full_search(cells: dict[str, Any], dt: Any, hold: Any) -> dict[str, list[tuple[dict, Any]]]:
+    """Every trial of each named cell trained to the end (no halving) and scored by `hold` at every
+    checkpoint, the trials of all cells that share a head kind and step count in one stack: per name,
+    (the trial's candidate values, its trace)."""
+    from cpl_cache.train.select import trials
+    from cpl_cache.train.trainer import train_stack
+
+    n = len(dt.train)
+    by_head: dict[Any, list[tuple[str, dict, Any]]] = {}
+    for m, cell in cells.items():
+        for values, trial in trials(cell):
+            by_head.setdefault((trial.hparams["head"], trial.steps(n)), []).append((m, values, trial))
+    traces: dict[str, list[tuple[dict, Any]]] = {m: [] for m in cells}
+    for (_, steps), group in by_head.items():
+        got = train_stack([t for _, _, t in group], dt, steps, [hold] * len(group))
+        for (m, values, _), tr in zip(group, got, strict=True):
+            traces[m].append((values, tr))
+    return traces
+
+
 def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> dict[str, Any]:
     """Every method of `cfg` on one cached domain: each protocol's test accuracy, the oracle, regret."""
     import torch
@@ -77,8 +97,8 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
     from cpl_cache.cache import load_domain
     from cpl_cache.runtime import resolve_precision
     from cpl_cache.train.methods import METHODS
-    from cpl_cache.train.select import HoldScore, choose, simulate_halving, trials
-    from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_cells, train_stack
+    from cpl_cache.train.select import HoldScore, choose, simulate_halving
+    from cpl_cache.train.trainer import Cell, DomainTensors, TrainConfig, train_cells
 
     resolve_precision(cfg.precision, cfg.device)
     dt = DomainTensors(load_domain(cache_dir, domain), cfg.device, precision=cfg.precision)
@@ -103,15 +123,7 @@ def cache_regret(cache_dir: Path, domain: str, cfg: RegretConfig, say=print) -> 
             registry = registry["candidates"]
             sweeps[m] = (sweep, registry)
         t0 = time.perf_counter()
-        by_head: dict[Any, list[tuple[str, dict, Any]]] = {}
-        for m, (sweep, _) in sweeps.items():
-            for values, trial in trials(sweep):
-                by_head.setdefault((trial.hparams["head"], trial.steps(n)), []).append((m, values, trial))
-        traces: dict[str, list[tuple[dict, Any]]] = {m: [] for m in sweeps}
-        for (_, steps), group in by_head.items():
-            got = train_stack([t for _, _, t in group], dt, steps, [hold] * len(group))
-            for (m, values, _), tr in zip(group, got, strict=True):
-                traces[m].append((values, tr))
+        traces = full_search({m: sweep for m, (sweep, _) in sweeps.items()}, dt, hold)
         sweep_seconds = time.perf_counter() - t0
         for m, (sweep, registry) in sweeps.items():
             method = METHODS[m]

@@ -345,8 +345,7 @@ def test_loss_constants_are_hyperparameters_of_the_run(clean: Path, tmp_path: Pa
     ],
 )
 def test_bad_settings_are_one_line(args: list[str], needles: list[str], clean: Path, tmp_path: Path):
-    base = ["train", "--method", "adaptconf-lp", "--domain", DOMAIN, "--cache-dir", str(clean)]
-    one_line_error(cli(*base, "--out", str(tmp_path), *args), *needles)
+    one_line_error(cli(*train_args("adaptconf-lp", clean, tmp_path), *args), *needles)
     assert not (tmp_path / DOMAIN).exists()
 
 

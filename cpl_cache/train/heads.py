@@ -112,6 +112,9 @@ def prompt_head(
     )
 
 
+# The heads that start from the class text embeddings (text.h5): a cache without them cannot build these.
+TEXT_HEADS = ("proto", "prompt")
+
 HEADS: dict[str, Callable[[Any, torch.Generator | None], nn.Module]] = {
     "proto": proto_head,
     "linear": linear_head,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from cpl_cache.errors import UserError
 from cpl_cache.runtime import check_seed
-from cpl_cache.train.heads import PROMPT_INIT, get_head
+from cpl_cache.train.heads import PROMPT_INIT, TEXT_HEADS, get_head
 from cpl_cache.train.losses import get_loss
 from cpl_cache.train.methods import (
     DEFAULT_PROTOCOL,
@@ -497,7 +497,7 @@ def train_cells(
     stack on all of train (`--select weak`: on train less a slice first, then the chosen on all)."""
     n = len(dt.train)
     for c in cells:  # checked before anything is trained or written
-        if c.hparams.get("head") in ("proto", "prompt") and dt.data.text_embeds is None:
+        if c.hparams.get("head") in TEXT_HEADS and dt.data.text_embeds is None:
             raise UserError(
                 f"{dt.where} has no text.h5, whose class text embeddings {c.method.name}'s "
                 f"{c.hparams['head']} head starts from; rerun extract for this domain with --overwrite"
